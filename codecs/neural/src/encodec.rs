@@ -704,6 +704,7 @@ pub struct Encodec {
     pub(crate) decoder: Seanet,
     pub(crate) quantizer: Quantizer,
     device: Device,
+    num_parameters: usize,
 }
 
 impl Encodec {
@@ -716,6 +717,7 @@ impl Encodec {
             decoder: Seanet::decoder(cfg, vb.pp("decoder"))?,
             quantizer: Quantizer::new(cfg, vb.pp("quantizer"))?,
             device: vb.device().clone(),
+            num_parameters: 0,
         })
     }
 
@@ -746,7 +748,20 @@ impl Encodec {
                 Ok((k, v.to_dtype(DType::F32)?))
             })
             .collect::<Result<HashMap<_, _>>>()?;
-        Self::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))
+        // Training-only buffers of the codebooks are not parameters of the codec.
+        let num_parameters = tensors
+            .iter()
+            .filter(|(k, _)| !(k.ends_with("embed_avg") || k.ends_with("cluster_size") || k.ends_with("inited")))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let mut model = Self::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        model.num_parameters = num_parameters;
+        Ok(model)
+    }
+
+    /// Number of weights in the checkpoint (0 when built from a bare `VarBuilder`).
+    pub fn num_parameters(&self) -> usize {
+        self.num_parameters
     }
 
     /// The model's configuration.
@@ -769,8 +784,9 @@ impl Encodec {
         Ok(self.cfg.quantizers_for_bandwidth(bandwidth).min(self.quantizer.num_quantizers()))
     }
 
-    /// Encodes one chunk (`_encode_frame`): optional normalisation, encoder, RVQ.
-    fn encode_frame(&self, xs: &Tensor, n_q: usize) -> Result<(Tensor, Option<Tensor>)> {
+    /// Encodes one chunk (`_encode_frame`): optional normalisation, encoder, RVQ. Returns
+    /// `(batch, n_q, frames)` codes and the `(batch,)` scale of normalising models.
+    pub fn encode_frame(&self, xs: &Tensor, n_q: usize) -> Result<(Tensor, Option<Tensor>)> {
         let (xs, scale) = if self.cfg.normalize {
             let mono = xs.mean_keepdim(1)?;
             let scale = (mono.sqr()?.mean_keepdim(D::Minus1)?.sqrt()? + 1e-8)?;
@@ -818,7 +834,7 @@ impl Encodec {
     }
 
     /// Decodes one chunk of `(batch, n_q, frames)` codes (`_decode_frame`).
-    pub(crate) fn decode_frame(&self, codes: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
+    pub fn decode_frame(&self, codes: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
         let emb = self.quantizer.decode(codes)?;
         let out = self.decoder.forward(&emb)?;
         match scale {
@@ -864,7 +880,7 @@ impl Encodec {
 }
 
 /// `_linear_overlap_add`: triangular weights peaking mid-chunk, normalised by their sum.
-pub(crate) fn linear_overlap_add(frames: &[Tensor], stride: usize) -> Result<Tensor> {
+pub fn linear_overlap_add(frames: &[Tensor], stride: usize) -> Result<Tensor> {
     let Some(first) = frames.first() else { bail!("encodec: nothing to overlap-add") };
     let dev = first.device();
     let frame_len = first.dim(D::Minus1)?;

@@ -1,1 +1,243 @@
-//! placeholder
+//! Cadenza's engine: the model registry and the workers that run every request.
+//!
+//! The path of a request is `server (gRPC) → Engine → worker → model`. [`Engine`] validates
+//! what it can up front (model names, bandwidths, code shapes: those fail at once with
+//! [`EngineError::InvalidArgument`]), admits the request to a worker (or refuses it at once with
+//! [`EngineError::Overloaded`] and the queue length), and hands back a [`Session`]: a bounded
+//! channel of events. Dropping the session's receiver cancels the work within one step.
+//!
+//! Workers are OS threads, never the async runtime's; see [`worker`]. This crate knows nothing of
+//! gRPC or protobuf.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod registry;
+pub mod worker;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cadenza_audio::{Limits, RawEncoding};
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+pub use codec::{AudioInput, CodecEvent, Codes, StreamInput};
+pub use config::{EngineConfig, ModelEntry, ModelKind, ModelSource};
+pub use error::EngineError;
+pub use registry::{ModelInfo, Registry};
+pub use worker::{Admitted, WorkerHandle};
+
+/// Events buffered per session before the worker holds further output (backpressure).
+const SESSION_CHANNEL: usize = 16;
+
+/// A running request: its admission and its events. Drop `events` to cancel.
+#[derive(Debug)]
+pub struct Session<T> {
+    /// Queue position at admission.
+    pub admitted: Admitted,
+    /// Events, ending with a final event or an error.
+    pub events: mpsc::Receiver<Result<T, EngineError>>,
+}
+
+/// The input side of a streaming session. Dropping it without [`SessionInput::end`] cancels
+/// the session (the client went away).
+#[derive(Debug)]
+pub struct SessionInput<T> {
+    tx: Option<mpsc::Sender<StreamInput<T>>>,
+    waker: worker::Waker,
+}
+
+impl<T> SessionInput<T> {
+    /// Sends more input, waiting while the session's input buffer is full.
+    pub async fn send(&self, item: T) -> Result<(), EngineError> {
+        let tx = self.tx.as_ref().ok_or_else(|| EngineError::invalid("stream", "input already ended"))?;
+        tx.send(StreamInput::Data(item))
+            .await
+            .map_err(|_| EngineError::Cancelled("the session has ended".into()))?;
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Marks the clean end of input.
+    pub async fn end(mut self) -> Result<(), EngineError> {
+        if let Some(tx) = self.tx.take() {
+            tx.send(StreamInput::End).await.map_err(|_| EngineError::Cancelled("the session has ended".into()))?;
+        }
+        self.waker.wake();
+        Ok(())
+    }
+}
+
+impl<T> Drop for SessionInput<T> {
+    fn drop(&mut self) {
+        self.tx = None;
+        self.waker.wake();
+    }
+}
+
+/// Per-request options common to every call.
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    /// Work stops with `DeadlineExceeded` once this passes.
+    pub deadline: Option<Instant>,
+}
+
+/// The engine: loaded models and the worker pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    worker: WorkerHandle,
+    cfg: EngineConfig,
+}
+
+impl Engine {
+    /// Loads the models and starts the workers. `base` resolves relative model paths.
+    pub fn start(cfg: EngineConfig, models: &[ModelEntry], base: Option<&Path>) -> Result<Self, String> {
+        cfg.validate()?;
+        let registry = Registry::load(models, base, &Device::Cpu)?;
+        let worker = WorkerHandle::spawn(
+            "cpu",
+            cfg.max_active,
+            cfg.max_queue,
+            Duration::from_millis(cfg.slow_consumer_timeout_ms),
+        )
+        .map_err(|e| format!("starting the CPU worker: {e}"))?;
+        Ok(Self { inner: Arc::new(Inner { registry, worker, cfg }) })
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    /// Every loaded model.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner.registry.infos()
+    }
+
+    /// Sessions admitted and not finished.
+    pub fn load(&self) -> usize {
+        self.inner.worker.load()
+    }
+
+    /// Input limits for untrusted audio.
+    pub fn audio_limits(&self) -> Limits {
+        Limits {
+            max_seconds: self.inner.cfg.max_audio_seconds,
+            max_bytes: self.inner.cfg.max_input_bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// Description of a codec model (by name; empty = the default codec).
+    pub fn codec_info(&self, model: &str) -> Result<ModelInfo, EngineError> {
+        Ok(self.inner.registry.codec(model)?.info.clone())
+    }
+
+    /// Encodes a whole input to codes. Events: `Codes` (one per step, or per chunk with its
+    /// scale for chunked models), `Progress`, then `Encoded`.
+    pub fn encode(
+        &self,
+        model: &str,
+        audio: AudioInput,
+        bandwidth: Option<f32>,
+        opts: RequestOptions,
+    ) -> Result<Session<CodecEvent>, EngineError> {
+        let m = self.inner.registry.codec(model)?;
+        if let AudioInput::File(b) | AudioInput::Raw { bytes: b, .. } = &audio {
+            self.audio_limits().check_bytes(b.len()).map_err(|e| EngineError::audio("audio", e))?;
+            if b.is_empty() {
+                return Err(EngineError::invalid("audio", "no audio bytes were sent"));
+            }
+        }
+        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
+        let task = codec::EncodeTask::new(
+            m,
+            audio,
+            bandwidth,
+            self.audio_limits(),
+            self.inner.cfg.codec_step_seconds,
+            tx,
+            opts.deadline,
+        )?;
+        let admitted = self.inner.worker.submit(Box::new(task))?;
+        Ok(Session { admitted, events: rx })
+    }
+
+    /// Decodes codes to audio. `scales`: one per chunk for normalising models, else empty.
+    /// `trim`: cut the output to this many samples. Events: `Audio`, `Progress`, then `Decoded`.
+    pub fn decode(
+        &self,
+        model: &str,
+        codes: Codes,
+        scales: Vec<f32>,
+        trim: Option<u64>,
+        opts: RequestOptions,
+    ) -> Result<Session<CodecEvent>, EngineError> {
+        let m = self.inner.registry.codec(model)?;
+        if codes.frames > self.inner.cfg.max_code_frames {
+            return Err(EngineError::TooLarge {
+                what: "codes".into(),
+                detail: format!("{} frames, the limit is {}", codes.frames, self.inner.cfg.max_code_frames),
+            });
+        }
+        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
+        let task = codec::DecodeTask::new(m, codes, scales, trim, self.inner.cfg.codec_step_seconds, tx, opts.deadline)?;
+        let admitted = self.inner.worker.submit(Box::new(task))?;
+        Ok(Session { admitted, events: rx })
+    }
+
+    /// Streams raw PCM in, codes out (non-chunked models).
+    pub fn stream_encode(
+        &self,
+        model: &str,
+        encoding: RawEncoding,
+        sample_rate: u32,
+        channels: u16,
+        bandwidth: Option<f32>,
+        opts: RequestOptions,
+    ) -> Result<(SessionInput<Vec<u8>>, Session<CodecEvent>), EngineError> {
+        let m = self.inner.registry.codec(model)?;
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
+        let task = codec::StreamEncodeTask::new(
+            m,
+            encoding,
+            sample_rate,
+            channels,
+            bandwidth,
+            &self.audio_limits(),
+            in_rx,
+            tx,
+            opts.deadline,
+        )?;
+        let admitted = self.inner.worker.submit(Box::new(task))?;
+        Ok((SessionInput { tx: Some(in_tx), waker: self.inner.worker.waker() }, Session { admitted, events: rx }))
+    }
+
+    /// Streams codes in, audio out (non-chunked models).
+    pub fn stream_decode(
+        &self,
+        model: &str,
+        opts: RequestOptions,
+    ) -> Result<(SessionInput<Codes>, Session<CodecEvent>), EngineError> {
+        let m = self.inner.registry.codec(model)?;
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
+        let task = codec::StreamDecodeTask::new(m, self.inner.cfg.max_code_frames, in_rx, tx, opts.deadline)?;
+        let admitted = self.inner.worker.submit(Box::new(task))?;
+        Ok((SessionInput { tx: Some(in_tx), waker: self.inner.worker.waker() }, Session { admitted, events: rx }))
+    }
+
+    /// Stops the workers; running sessions end with `Unavailable`.
+    pub fn shutdown(&self) {
+        self.inner.worker.shutdown();
+    }
+}

@@ -1,0 +1,123 @@
+//! Engine configuration: which models to load and the limits that protect the workers.
+//! Deserialised from the `[engine]` table and `[[models]]` array of the server's TOML file.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Limits and queue sizes of the engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Sessions stepped concurrently per worker.
+    pub max_active: usize,
+    /// Sessions waiting for a slot per worker; beyond this, requests are refused at once
+    /// with `RESOURCE_EXHAUSTED` and their queue position.
+    pub max_queue: usize,
+    /// Longest input audio accepted, in seconds.
+    pub max_audio_seconds: f64,
+    /// Largest encoded input accepted, in bytes.
+    pub max_input_bytes: usize,
+    /// Most code frames accepted in one decode request.
+    pub max_code_frames: usize,
+    /// A session whose client does not read its output for this long is dropped.
+    pub slow_consumer_timeout_ms: u64,
+    /// Audio seconds processed per worker step for codec work (smaller = fairer interleaving).
+    pub codec_step_seconds: f64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_active: 8,
+            max_queue: 64,
+            max_audio_seconds: 600.0,
+            max_input_bytes: 256 << 20,
+            max_code_frames: 75 * 600,
+            slow_consumer_timeout_ms: 30_000,
+            codec_step_seconds: 2.0,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the values are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_active == 0 {
+            return Err("engine.max_active must be at least 1".into());
+        }
+        if !(self.max_audio_seconds > 0.0) {
+            return Err("engine.max_audio_seconds must be positive".into());
+        }
+        if !(self.codec_step_seconds > 0.0) {
+            return Err("engine.codec_step_seconds must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Where a model's weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Weights compiled into the binary (see `models/pretrained/`).
+    Embedded(String),
+    /// A directory in the checkpoint's own format.
+    Path(PathBuf),
+}
+
+impl ModelSource {
+    /// Parses `embedded:NAME` or a path; relative paths are resolved against `base`.
+    pub fn parse(s: &str, base: Option<&Path>) -> Self {
+        match s.strip_prefix("embedded:") {
+            Some(name) => Self::Embedded(name.to_string()),
+            None => {
+                let p = PathBuf::from(s);
+                match base {
+                    Some(b) if p.is_relative() => Self::Path(b.join(p)),
+                    _ => Self::Path(p),
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded(n) => write!(f, "embedded:{n}"),
+            Self::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// Registry name clients use.
+    pub name: String,
+    /// Model family: `codec` (EnCodec) for now.
+    pub kind: ModelKind,
+    /// `embedded:NAME` or a directory path.
+    pub source: String,
+    /// Overrides the model card summary shown by `ListModels`.
+    #[serde(default)]
+    pub card: Option<String>,
+}
+
+/// The model families the engine can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A neural audio codec (EnCodec, Hugging Face directory format).
+    Codec,
+}
+
+impl ModelKind {
+    /// The lowercase name used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Codec => "codec",
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Loaded models, by name. Weights are loaded once and shared by every session.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cadenza_codecs::Encodec;
+use candle_core::Device;
+
+use crate::config::{ModelEntry, ModelKind, ModelSource};
+use crate::error::EngineError;
+
+/// A model compiled into the binary: its files and model card.
+struct EmbeddedModel {
+    name: &'static str,
+    config_json: &'static str,
+    weights: &'static [u8],
+    card: &'static str,
+    untrained: bool,
+}
+
+/// The models shipped inside the binary (`models/pretrained/`).
+const EMBEDDED: &[EmbeddedModel] = &[EmbeddedModel {
+    name: "encodec-tiny-untrained",
+    config_json: include_str!("../../../models/pretrained/encodec-tiny-untrained/config.json"),
+    weights: include_bytes!("../../../models/pretrained/encodec-tiny-untrained/model.safetensors"),
+    card: include_str!("../../../models/pretrained/encodec-tiny-untrained/MODEL_CARD.md"),
+    untrained: true,
+}];
+
+/// Names of the embedded models.
+pub fn embedded_names() -> Vec<&'static str> {
+    EMBEDDED.iter().map(|m| m.name).collect()
+}
+
+/// What `ListModels` says about a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// Registry name.
+    pub name: String,
+    /// Family (`codec`, …).
+    pub kind: ModelKind,
+    /// Architecture, e.g. `encodec`.
+    pub architecture: String,
+    /// Native sample rate.
+    pub sample_rate: u32,
+    /// Native channel count.
+    pub channels: u16,
+    /// Token frames per second.
+    pub frame_rate: f64,
+    /// Codebooks at the highest bandwidth.
+    pub num_codebooks: usize,
+    /// Entries per codebook.
+    pub codebook_size: usize,
+    /// Supported bandwidths in kbps.
+    pub bandwidths_kbps: Vec<f32>,
+    /// Parameter count.
+    pub parameters: u64,
+    /// Random / untrained weights.
+    pub untrained: bool,
+    /// Model card summary.
+    pub card: String,
+    /// Where the weights came from.
+    pub source: String,
+}
+
+/// A loaded codec model.
+#[derive(Debug)]
+pub struct CodecModel {
+    /// Its public description.
+    pub info: ModelInfo,
+    /// The weights.
+    pub model: Encodec,
+}
+
+/// All loaded models.
+#[derive(Debug, Default)]
+pub struct Registry {
+    codecs: BTreeMap<String, Arc<CodecModel>>,
+}
+
+/// First paragraph of a model card after its title, as a one-line summary.
+fn card_summary(card: &str) -> String {
+    let mut lines = card.lines().map(str::trim).skip_while(|l| l.is_empty() || l.starts_with('#'));
+    let mut out = String::new();
+    for l in lines.by_ref() {
+        if l.is_empty() {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(l);
+    }
+    out
+}
+
+impl Registry {
+    /// Loads every entry; fails on the first model that cannot be loaded, naming it.
+    pub fn load(entries: &[ModelEntry], base: Option<&std::path::Path>, device: &Device) -> Result<Self, String> {
+        let mut reg = Registry::default();
+        for e in entries {
+            if reg.codecs.contains_key(&e.name) {
+                return Err(format!("model '{}' is configured twice", e.name));
+            }
+            let source = ModelSource::parse(&e.source, base);
+            match e.kind {
+                ModelKind::Codec => {
+                    let m = load_codec(&e.name, &source, e.card.as_deref(), device)
+                        .map_err(|err| format!("loading model '{}' from {source}: {err}", e.name))?;
+                    reg.codecs.insert(e.name.clone(), Arc::new(m));
+                }
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Every model's description, sorted by name.
+    pub fn infos(&self) -> Vec<ModelInfo> {
+        self.codecs.values().map(|m| m.info.clone()).collect()
+    }
+
+    /// A codec by name (empty name = the only/first codec).
+    pub fn codec(&self, name: &str) -> Result<Arc<CodecModel>, EngineError> {
+        let found = if name.is_empty() { self.codecs.values().next() } else { self.codecs.get(name) };
+        found.cloned().ok_or_else(|| EngineError::UnknownModel {
+            name: if name.is_empty() { "(default codec)".into() } else { name.to_string() },
+            available: self.codecs.keys().cloned().collect(),
+        })
+    }
+}
+
+fn load_codec(name: &str, source: &ModelSource, card: Option<&str>, device: &Device) -> Result<CodecModel, String> {
+    let (model, card_text, untrained) = match source {
+        ModelSource::Embedded(n) => {
+            let emb = EMBEDDED
+                .iter()
+                .find(|m| m.name == n)
+                .ok_or_else(|| format!("no embedded model '{n}' (embedded: {})", embedded_names().join(", ")))?;
+            let cfg = Encodec::parse_config(emb.config_json).map_err(|e| e.to_string())?;
+            let tensors = candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
+            let model = Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())?;
+            (model, card_summary(emb.card), emb.untrained)
+        }
+        ModelSource::Path(dir) => {
+            let model = Encodec::load(dir, device).map_err(|e| e.to_string())?;
+            let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
+                .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
+                .map(|c| card_summary(&c))
+                .unwrap_or_default();
+            (model, card, false)
+        }
+    };
+    let cfg = model.config();
+    let info = ModelInfo {
+        name: name.to_string(),
+        kind: ModelKind::Codec,
+        architecture: "encodec".into(),
+        sample_rate: cfg.sampling_rate,
+        channels: cfg.audio_channels as u16,
+        frame_rate: cfg.sampling_rate as f64 / cfg.hop_length() as f64,
+        num_codebooks: cfg.num_quantizers(),
+        codebook_size: cfg.codebook_size,
+        bandwidths_kbps: cfg.target_bandwidths.clone(),
+        parameters: model.num_parameters() as u64,
+        untrained,
+        card: card.map(str::to_string).unwrap_or(card_text),
+        source: source.to_string(),
+    };
+    Ok(CodecModel { info, model })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_summary_takes_first_paragraph() {
+        let card = "# Title\n\nUNTRAINED placeholder: random\nweights.\n\n## More\ntext";
+        assert_eq!(card_summary(card), "UNTRAINED placeholder: random weights.");
+    }
+
+    #[test]
+    fn embedded_default_loads() {
+        let entries = vec![ModelEntry {
+            name: "codec".into(),
+            kind: ModelKind::Codec,
+            source: "embedded:encodec-tiny-untrained".into(),
+            card: None,
+        }];
+        let reg = Registry::load(&entries, None, &Device::Cpu).unwrap();
+        let m = reg.codec("codec").unwrap();
+        assert!(m.info.untrained);
+        assert_eq!(m.info.sample_rate, 24_000);
+        assert!(m.info.parameters > 0);
+        assert!(matches!(reg.codec("nope"), Err(EngineError::UnknownModel { .. })));
+    }
+
+    #[test]
+    fn bad_source_names_the_model() {
+        let entries = vec![ModelEntry {
+            name: "x".into(),
+            kind: ModelKind::Codec,
+            source: "/nonexistent/dir".into(),
+            card: None,
+        }];
+        let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
+        assert!(err.contains("model 'x'"), "{err}");
+    }
+}

@@ -1,1 +1,207 @@
-fn main() {}
+//! `cadenza`: run the server, or talk to one (or run models in process with `--local`).
+
+mod codec_cmd;
+mod codes_file;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use cadenza_server::Config;
+use clap::{Args, Parser, Subcommand};
+
+/// Cadenza: audio generation and recognition over gRPC.
+#[derive(Parser, Debug)]
+#[command(name = "cadenza", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start the gRPC server (all services, health, reflection) on the configured models.
+    Serve(ServeArgs),
+    /// Check a configuration file, or print the built-in default.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// List the models a server (or the local configuration) provides.
+    Models(ClientArgs),
+    /// Neural codec: audio to codes and back.
+    Codec {
+        #[command(subcommand)]
+        action: codec_cmd::CodecAction,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        action: BenchAction,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration (default: the built-in configs/default.toml with the embedded models).
+    #[arg(long, env = "CADENZA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding `server.addr` (e.g. 0.0.0.0:50051).
+    #[arg(long, env = "CADENZA_ADDR")]
+    addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigAction {
+    /// Load the configuration and its models, then report what would be served.
+    Validate {
+        /// TOML configuration (default: built-in).
+        #[arg(long, env = "CADENZA_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the built-in default configuration.
+    ShowDefault,
+}
+
+/// Options shared by every command that talks to a server or runs locally.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Server to talk to.
+    #[arg(long, env = "CADENZA_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Run in this process instead of calling a server.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: configuration to load models from (default: built-in).
+    #[arg(long, env = "CADENZA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model: a registry name on the server; with --local also a model directory
+    /// (e.g. a Hugging Face EnCodec directory). Default: the server's default model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchAction {
+    /// Time EnCodec encode and decode of an input (see tools/bench/codec.sh).
+    Codec {
+        /// Hugging Face EnCodec directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors file with a float32 `input` tensor [1, channels, samples].
+        #[arg(long)]
+        input: PathBuf,
+        /// Bandwidth in kbps (default: the model's highest).
+        #[arg(long)]
+        bandwidth: Option<f32>,
+        /// Timed repetitions; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Print one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Loads a configuration and starts an engine on it.
+pub fn start_engine(config: Option<&std::path::Path>) -> Result<(Config, cadenza_engine::Engine)> {
+    let cfg = Config::load(config).map_err(anyhow::Error::msg)?;
+    let t = Instant::now();
+    let engine = cadenza_engine::Engine::start(cfg.engine.clone(), &cfg.models, cfg.base_dir.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(models = cfg.models.len(), elapsed = ?t.elapsed(), "models loaded");
+    Ok((cfg, engine))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let (mut cfg, engine) = start_engine(args.config.as_deref())?;
+    if let Some(addr) = args.addr {
+        cfg.server.addr = addr;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.server.addr)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.addr))?;
+    eprintln!("cadenza listening on {}", listener.local_addr()?);
+    cadenza_server::serve(&cfg, engine, listener, shutdown_signal()).await
+}
+
+fn validate(config: Option<PathBuf>) -> Result<()> {
+    let (_cfg, engine) = start_engine(config.as_deref())?;
+    for m in engine.models() {
+        println!(
+            "{}\t{}\t{}\t{} Hz\t{} params{}",
+            m.name,
+            m.kind.as_str(),
+            m.source,
+            m.sample_rate,
+            m.parameters,
+            if m.untrained { "\tUNTRAINED" } else { "" }
+        );
+    }
+    println!("configuration OK");
+    Ok(())
+}
+
+async fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Config { action: ConfigAction::Validate { config } } => validate(config),
+        Command::Config { action: ConfigAction::ShowDefault } => {
+            print!("{}", cadenza_server::config::DEFAULT_CONFIG);
+            Ok(())
+        }
+        Command::Models(args) => codec_cmd::list_models(&args).await,
+        Command::Codec { action } => codec_cmd::run(action).await,
+        Command::Bench { action: BenchAction::Codec { model, input, bandwidth, repeats, json } } => {
+            codec_cmd::bench(&model, &input, bandwidth, repeats, json)
+        }
+    }
+}
+
+fn main() {
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(err) = rt.block_on(run()) {
+        // A closed stdout (e.g. `| head`) is not an error.
+        if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+            std::process::exit(0);
+        }
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

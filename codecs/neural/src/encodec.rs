@@ -454,6 +454,7 @@ impl Lstm {
 
     /// Runs `xs` (batch, C, T) from `state`, returning `lstm(xs) + xs` and updating `state`.
     pub(crate) fn forward_with_state(&self, xs: &Tensor, state: &mut LstmState) -> Result<Tensor> {
+        let _t = crate::profile::scope(crate::profile::Kind::Lstm);
         let (b, c, t) = xs.dims3()?;
         if t == 0 {
             return Ok(xs.clone());
@@ -501,6 +502,12 @@ pub(crate) enum Layer {
 
 impl Module for Layer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let _t = crate::profile::scope(match self {
+            Layer::Conv(_) => crate::profile::Kind::Conv,
+            Layer::ConvTr(_) => crate::profile::Kind::ConvTr,
+            Layer::Res(_) => crate::profile::Kind::ResBlock,
+            Layer::Elu => crate::profile::Kind::Elu,
+        });
         match self {
             Layer::Conv(c) => c.forward(xs),
             Layer::ConvTr(c) => c.forward(xs),
@@ -647,6 +654,7 @@ impl Quantizer {
 
     /// (B, D, T) embeddings → (B, n_q, T) u32 codes, nearest codeword on the residual.
     pub(crate) fn encode(&self, xs: &Tensor, n_q: usize) -> Result<Tensor> {
+        let _t = crate::profile::scope(crate::profile::Kind::Quantizer);
         let (b, d, t) = xs.dims3()?;
         let mut residual = xs.transpose(1, 2)?.reshape((b * t, d))?;
         let mut all = Vec::with_capacity(n_q);
@@ -665,6 +673,7 @@ impl Quantizer {
 
     /// (B, n_q, T) codes → (B, D, T) summed embeddings.
     pub(crate) fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        let _t = crate::profile::scope(crate::profile::Kind::Quantizer);
         let (b, n_q, t) = codes.dims3()?;
         if n_q > self.embeds.len() {
             bail!("encodec: {n_q} codebooks given, the model has {}", self.embeds.len())

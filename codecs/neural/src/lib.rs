@@ -7,6 +7,8 @@
 //! Model code only: no networking, no async runtime.
 
 pub mod encodec;
+mod kernels;
+pub mod profile;
 pub mod streaming;
 
 pub use encodec::{Config as EncodecConfig, Encodec, Encoded};

@@ -3,7 +3,6 @@
 //! One `.proto` file per service under `proto/cadenza/v1/` plus `common.proto`. The generated
 //! client and server code lives in [`v1`]; [`FILE_DESCRIPTOR_SET`] feeds server reflection.
 
-
 /// Generated messages, clients and servers of `cadenza.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cadenza_audio::{Pcm, WavFormat};
-use cadenza_engine::{AudioInput, CodecEvent, Codes, Engine, ModelEntry, ModelKind, RequestOptions};
+use cadenza_engine::{
+    AudioInput, CodecEvent, Codes, Engine, ModelEntry, ModelKind, RequestOptions,
+};
 use cadenza_proto::v1 as pb;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -62,24 +64,38 @@ fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
     if let Some(m) = &args.model
         && Path::new(m).is_dir()
     {
-        let mut cfg = cadenza_server::Config::load(args.config.as_deref()).map_err(anyhow::Error::msg)?;
-        let name = Path::new(m).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "local".into());
-        cfg.models = vec![ModelEntry { name: name.clone(), kind: ModelKind::Codec, source: m.clone(), card: None }];
-        let engine =
-            Engine::start(cfg.engine, &cfg.models, None).map_err(anyhow::Error::msg)?;
+        let mut cfg =
+            cadenza_server::Config::load(args.config.as_deref()).map_err(anyhow::Error::msg)?;
+        let name = Path::new(m)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "local".into());
+        cfg.models = vec![ModelEntry {
+            name: name.clone(),
+            kind: ModelKind::Codec,
+            source: m.clone(),
+            card: None,
+        }];
+        let engine = Engine::start(cfg.engine, &cfg.models, None).map_err(anyhow::Error::msg)?;
         return Ok((engine, name));
     }
     let (_cfg, engine) = crate::start_engine(args.config.as_deref())?;
     Ok((engine, args.model.clone().unwrap_or_default()))
 }
 
-async fn connect_codec(server: &str) -> Result<pb::codec_client::CodecClient<tonic::transport::Channel>> {
+async fn connect_codec(
+    server: &str,
+) -> Result<pb::codec_client::CodecClient<tonic::transport::Channel>> {
     let ch = tonic::transport::Endpoint::from_shared(server.to_string())
         .with_context(|| format!("bad server address {server}"))?
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {server} (is `cadenza serve` running? or use --local)"))?;
-    Ok(pb::codec_client::CodecClient::new(ch).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
+        .with_context(|| {
+            format!("cannot connect to {server} (is `cadenza serve` running? or use --local)")
+        })?;
+    Ok(pb::codec_client::CodecClient::new(ch)
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(1 << 30))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -88,9 +104,19 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 
 pub async fn run(action: CodecAction) -> Result<()> {
     match action {
-        CodecAction::Encode { client, input, output, bandwidth } => {
-            let bytes = std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
-            let file = if client.local { encode_local(&client, bytes, bandwidth).await? } else { encode_remote(&client, bytes, bandwidth).await? };
+        CodecAction::Encode {
+            client,
+            input,
+            output,
+            bandwidth,
+        } => {
+            let bytes =
+                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
+            let file = if client.local {
+                encode_local(&client, bytes, bandwidth).await?
+            } else {
+                encode_remote(&client, bytes, bandwidth).await?
+            };
             file.write(&output)?;
             eprintln!(
                 "{}: {} codebooks × {} frames ({} samples at {} Hz, {} kbps, model {})",
@@ -104,21 +130,50 @@ pub async fn run(action: CodecAction) -> Result<()> {
             );
             Ok(())
         }
-        CodecAction::Decode { client, input, output, float } => {
+        CodecAction::Decode {
+            client,
+            input,
+            output,
+            float,
+        } => {
             let file = CodesFile::read(&input)?;
-            let pcm = if client.local { decode_local(&client, &file).await? } else { decode_remote(&client, &file).await? };
-            let fmt = if float { WavFormat::F32 } else { WavFormat::I16 };
-            cadenza_audio::write_wav(&output, &pcm, fmt).with_context(|| format!("writing {}", output.display()))?;
-            eprintln!("{}: {:.2} s at {} Hz, {} channel(s)", output.display(), pcm.duration_secs(), pcm.sample_rate, pcm.channels);
+            let pcm = if client.local {
+                decode_local(&client, &file).await?
+            } else {
+                decode_remote(&client, &file).await?
+            };
+            let fmt = if float {
+                WavFormat::F32
+            } else {
+                WavFormat::I16
+            };
+            cadenza_audio::write_wav(&output, &pcm, fmt)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "{}: {:.2} s at {} Hz, {} channel(s)",
+                output.display(),
+                pcm.duration_secs(),
+                pcm.sample_rate,
+                pcm.channels
+            );
             Ok(())
         }
     }
 }
 
-async fn encode_local(args: &ClientArgs, bytes: Vec<u8>, bandwidth: Option<f32>) -> Result<CodesFile> {
+async fn encode_local(
+    args: &ClientArgs,
+    bytes: Vec<u8>,
+    bandwidth: Option<f32>,
+) -> Result<CodesFile> {
     let (engine, model) = local_engine(args)?;
     let info = engine.codec_info(&model)?;
-    let mut session = engine.encode(&model, AudioInput::File(bytes), bandwidth, RequestOptions::default())?;
+    let mut session = engine.encode(
+        &model,
+        AudioInput::File(bytes),
+        bandwidth,
+        RequestOptions::default(),
+    )?;
     let bar = progress_bar(0, "encoding");
     let mut codes: Option<Codes> = None;
     let mut file = CodesFile {
@@ -144,7 +199,11 @@ async fn encode_local(args: &ClientArgs, bytes: Vec<u8>, bandwidth: Option<f32>)
                 });
                 file.scales.extend(scale);
             }
-            CodecEvent::Encoded { num_samples, bandwidth_kbps, .. } => {
+            CodecEvent::Encoded {
+                num_samples,
+                bandwidth_kbps,
+                ..
+            } => {
                 file.num_samples = num_samples;
                 file.bandwidth_kbps = bandwidth_kbps;
             }
@@ -170,10 +229,18 @@ fn concat(a: Codes, b: Codes) -> Result<Codes> {
         codes.extend_from_slice(&a.codes[r * a.frames..(r + 1) * a.frames]);
         codes.extend_from_slice(&b.codes[r * b.frames..(r + 1) * b.frames]);
     }
-    Ok(Codes { num_codebooks: q, frames: a.frames + b.frames, codes })
+    Ok(Codes {
+        num_codebooks: q,
+        frames: a.frames + b.frames,
+        codes,
+    })
 }
 
-async fn encode_remote(args: &ClientArgs, bytes: Vec<u8>, bandwidth: Option<f32>) -> Result<CodesFile> {
+async fn encode_remote(
+    args: &ClientArgs,
+    bytes: Vec<u8>,
+    bandwidth: Option<f32>,
+) -> Result<CodesFile> {
     let mut client = connect_codec(&args.server).await?;
     let bar = ProgressBar::new_spinner();
     bar.set_message("encoding on the server");
@@ -183,7 +250,11 @@ async fn encode_remote(args: &ClientArgs, bytes: Vec<u8>, bandwidth: Option<f32>
             meta: None,
             model: args.model.clone().map(|name| pb::ModelRef { name }),
             audio: bytes,
-            format: Some(pb::AudioFormat { encoding: pb::Encoding::File as i32, sample_rate_hz: 0, channels: 0 }),
+            format: Some(pb::AudioFormat {
+                encoding: pb::Encoding::File as i32,
+                sample_rate_hz: 0,
+                channels: 0,
+            }),
             bandwidth_kbps: bandwidth.unwrap_or(0.0),
         })
         .await
@@ -204,12 +275,18 @@ async fn encode_remote(args: &ClientArgs, bytes: Vec<u8>, bandwidth: Option<f32>
 }
 
 fn file_codes(file: &CodesFile) -> Codes {
-    Codes { num_codebooks: file.num_codebooks, frames: file.frames, codes: file.codes.clone() }
+    Codes {
+        num_codebooks: file.num_codebooks,
+        frames: file.frames,
+        codes: file.codes.clone(),
+    }
 }
 
 /// The model to decode with: `--model` if given, else the one recorded in the file.
 fn decode_model(args: &ClientArgs, file: &CodesFile) -> Option<String> {
-    args.model.clone().or_else(|| (!file.model.is_empty()).then(|| file.model.clone()))
+    args.model
+        .clone()
+        .or_else(|| (!file.model.is_empty()).then(|| file.model.clone()))
 }
 
 async fn decode_local(args: &ClientArgs, file: &CodesFile) -> Result<Pcm> {
@@ -217,7 +294,13 @@ async fn decode_local(args: &ClientArgs, file: &CodesFile) -> Result<Pcm> {
     args.model = decode_model(&args, file);
     let (engine, model) = local_engine(&args)?;
     let trim = (file.num_samples > 0).then_some(file.num_samples);
-    let mut session = engine.decode(&model, file_codes(file), file.scales.clone(), trim, RequestOptions::default())?;
+    let mut session = engine.decode(
+        &model,
+        file_codes(file),
+        file.scales.clone(),
+        trim,
+        RequestOptions::default(),
+    )?;
     let bar = progress_bar(0, "decoding");
     let mut pcm: Option<Pcm> = None;
     while let Some(ev) = session.events.recv().await {
@@ -256,13 +339,22 @@ async fn decode_remote(args: &ClientArgs, file: &CodesFile) -> Result<Pcm> {
             .map_err(status_err)?
             .into_inner();
         let fmt = resp.format.context("no format")?;
-        return Pcm::new(fmt.sample_rate_hz, fmt.channels as u16, f32_samples(&resp.audio)).map_err(Into::into);
+        return Pcm::new(
+            fmt.sample_rate_hz,
+            fmt.channels as u16,
+            f32_samples(&resp.audio),
+        )
+        .map_err(Into::into);
     }
     // Stream codes in one-second blocks; audio streams back as it becomes final.
     let block = 75usize.max(file.frames / 100);
     let codes = file_codes(file);
     let mut msgs = vec![pb::StreamDecodeRequest {
-        config: Some(pb::StreamDecodeConfig { meta: None, model, output_encoding: pb::Encoding::PcmF32le as i32 }),
+        config: Some(pb::StreamDecodeConfig {
+            meta: None,
+            model,
+            output_encoding: pb::Encoding::PcmF32le as i32,
+        }),
         codes: None,
     }];
     let mut pos = 0;
@@ -270,17 +362,31 @@ async fn decode_remote(args: &ClientArgs, file: &CodesFile) -> Result<Pcm> {
         let n = block.min(codes.frames - pos);
         let mut part = Vec::with_capacity(codes.num_codebooks * n);
         for r in 0..codes.num_codebooks {
-            part.extend_from_slice(&codes.codes[r * codes.frames + pos..r * codes.frames + pos + n]);
+            part.extend_from_slice(
+                &codes.codes[r * codes.frames + pos..r * codes.frames + pos + n],
+            );
         }
         msgs.push(pb::StreamDecodeRequest {
             config: None,
-            codes: Some(pb::Codes { num_codebooks: codes.num_codebooks as u32, frames: n as u32, codes: part }),
+            codes: Some(pb::Codes {
+                num_codebooks: codes.num_codebooks as u32,
+                frames: n as u32,
+                codes: part,
+            }),
         });
         pos += n;
     }
-    let total = if file.num_samples > 0 { file.num_samples } else { 0 };
+    let total = if file.num_samples > 0 {
+        file.num_samples
+    } else {
+        0
+    };
     let bar = progress_bar(total, "decoding (samples)");
-    let mut stream = client.stream_decode(tokio_stream::iter(msgs)).await.map_err(status_err)?.into_inner();
+    let mut stream = client
+        .stream_decode(tokio_stream::iter(msgs))
+        .await
+        .map_err(status_err)?
+        .into_inner();
     let mut samples = Vec::new();
     let (mut rate, mut channels) = (0, 1);
     while let Some(chunk) = stream.message().await.map_err(status_err)? {
@@ -298,11 +404,18 @@ async fn decode_remote(args: &ClientArgs, file: &CodesFile) -> Result<Pcm> {
 }
 
 pub(crate) fn to_pb(c: &Codes) -> pb::Codes {
-    pb::Codes { num_codebooks: c.num_codebooks as u32, frames: c.frames as u32, codes: c.codes.clone() }
+    pb::Codes {
+        num_codebooks: c.num_codebooks as u32,
+        frames: c.frames as u32,
+        codes: c.codes.clone(),
+    }
 }
 
 fn f32_samples(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 pub async fn list_models(args: &ClientArgs) -> Result<()> {
@@ -335,7 +448,9 @@ pub async fn list_models(args: &ClientArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot connect to {}", args.server))?;
         pb::models_client::ModelsClient::new(ch)
-            .list_models(pb::ListModelsRequest { kind: String::new() })
+            .list_models(pb::ListModelsRequest {
+                kind: String::new(),
+            })
             .await
             .map_err(status_err)?
             .into_inner()
@@ -374,11 +489,19 @@ pub async fn list_models(args: &ClientArgs) -> Result<()> {
 }
 
 /// `cadenza bench codec`: best-of-N encode and decode time on one input.
-pub fn bench(model_dir: &Path, input: &Path, bandwidth: Option<f32>, repeats: usize, json: bool) -> Result<()> {
+pub fn bench(
+    model_dir: &Path,
+    input: &Path,
+    bandwidth: Option<f32>,
+    repeats: usize,
+    json: bool,
+) -> Result<()> {
     use candle_core::Device;
     let model = cadenza_codecs::Encodec::load(model_dir, &Device::Cpu)?;
     let tensors = candle_core::safetensors::load(input, &Device::Cpu)?;
-    let x = tensors.get("input").context("the input file has no `input` tensor")?;
+    let x = tensors
+        .get("input")
+        .context("the input file has no `input` tensor")?;
     let bw = bandwidth.or_else(|| model.config().target_bandwidths.last().copied());
     let audio_s = x.dim(2)? as f64 / model.config().sampling_rate as f64;
     // Warm-up (allocations, thread pool).

@@ -25,20 +25,30 @@ pub struct CodesFile {
 
 impl CodesFile {
     pub fn write(&self, path: &Path) -> Result<()> {
-        let codes: Vec<u8> = self.codes.iter().flat_map(|&c| (c as i64).to_le_bytes()).collect();
+        let codes: Vec<u8> = self
+            .codes
+            .iter()
+            .flat_map(|&c| (c as i64).to_le_bytes())
+            .collect();
         let scales: Vec<u8> = self.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
         let mut tensors = vec![(
             "codes".to_string(),
             TensorView::new(Dtype::I64, vec![self.num_codebooks, self.frames], &codes)?,
         )];
         if !self.scales.is_empty() {
-            tensors.push(("scales".to_string(), TensorView::new(Dtype::F32, vec![self.scales.len()], &scales)?));
+            tensors.push((
+                "scales".to_string(),
+                TensorView::new(Dtype::F32, vec![self.scales.len()], &scales)?,
+            ));
         }
         let meta = HashMap::from([
             ("model".to_string(), self.model.clone()),
             ("sample_rate".to_string(), self.sample_rate.to_string()),
             ("num_samples".to_string(), self.num_samples.to_string()),
-            ("bandwidth_kbps".to_string(), self.bandwidth_kbps.to_string()),
+            (
+                "bandwidth_kbps".to_string(),
+                self.bandwidth_kbps.to_string(),
+            ),
         ]);
         safetensors::serialize_to_file(tensors, Some(meta), path)
             .with_context(|| format!("writing {}", path.display()))
@@ -46,12 +56,17 @@ impl CodesFile {
 
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes)?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let codes_t = st.tensor("codes").context("the file has no `codes` tensor")?;
+        let codes_t = st
+            .tensor("codes")
+            .context("the file has no `codes` tensor")?;
         let shape = codes_t.shape().to_vec();
-        let [q, f] = shape[..] else { bail!("`codes` must have shape [n_q, frames], got {shape:?}") };
+        let [q, f] = shape[..] else {
+            bail!("`codes` must have shape [n_q, frames], got {shape:?}")
+        };
         let data = codes_t.data();
         let codes: Vec<u32> = match codes_t.dtype() {
             Dtype::I64 => data
@@ -69,9 +84,11 @@ impl CodesFile {
             d => bail!("`codes` must be an integer tensor, got {d:?}"),
         };
         let scales = match st.tensor("scales") {
-            Ok(t) if t.dtype() == Dtype::F32 => {
-                t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
-            }
+            Ok(t) if t.dtype() == Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
             Ok(t) => bail!("`scales` must be float32, got {:?}", t.dtype()),
             Err(_) => Vec::new(),
         };

@@ -109,7 +109,10 @@ enum BenchAction {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -135,8 +138,9 @@ async fn shutdown_signal() {
 pub fn start_engine(config: Option<&std::path::Path>) -> Result<(Config, cadenza_engine::Engine)> {
     let cfg = Config::load(config).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
-    let engine = cadenza_engine::Engine::start(cfg.engine.clone(), &cfg.models, cfg.base_dir.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let engine =
+        cadenza_engine::Engine::start(cfg.engine.clone(), &cfg.models, cfg.base_dir.as_deref())
+            .map_err(anyhow::Error::msg)?;
     tracing::info!(models = cfg.models.len(), elapsed = ?t.elapsed(), "models loaded");
     Ok((cfg, engine))
 }
@@ -174,22 +178,36 @@ async fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Config { action: ConfigAction::Validate { config } } => validate(config),
-        Command::Config { action: ConfigAction::ShowDefault } => {
+        Command::Config {
+            action: ConfigAction::Validate { config },
+        } => validate(config),
+        Command::Config {
+            action: ConfigAction::ShowDefault,
+        } => {
             print!("{}", cadenza_server::config::DEFAULT_CONFIG);
             Ok(())
         }
         Command::Models(args) => codec_cmd::list_models(&args).await,
         Command::Codec { action } => codec_cmd::run(action).await,
-        Command::Bench { action: BenchAction::Codec { model, input, bandwidth, repeats, json } } => {
-            codec_cmd::bench(&model, &input, bandwidth, repeats, json)
-        }
+        Command::Bench {
+            action:
+                BenchAction::Codec {
+                    model,
+                    input,
+                    bandwidth,
+                    repeats,
+                    json,
+                },
+        } => codec_cmd::bench(&model, &input, bandwidth, repeats, json),
     }
 }
 
 fn main() {
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -198,7 +216,10 @@ fn main() {
     };
     if let Err(err) = rt.block_on(run()) {
         // A closed stdout (e.g. `| head`) is not an error.
-        if err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)) {
+        if err.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+        }) {
             std::process::exit(0);
         }
         eprintln!("error: {err:#}");

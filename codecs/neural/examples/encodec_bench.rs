@@ -72,9 +72,15 @@ fn main() -> Result<()> {
         candle_core::utils::get_num_threads()
     );
     if prof {
-        for (what, p, total) in [("encode", &prof_enc, best_enc), ("decode", &prof_dec, best_dec)] {
-            let parts: Vec<String> =
-                p.iter().filter(|(_, s)| *s > 0.0).map(|(k, s)| format!("{k} {:.1} ms", s * 1e3)).collect();
+        for (what, p, total) in [
+            ("encode", &prof_enc, best_enc),
+            ("decode", &prof_dec, best_dec),
+        ] {
+            let parts: Vec<String> = p
+                .iter()
+                .filter(|(_, s)| *s > 0.0)
+                .map(|(k, s)| format!("{k} {:.1} ms", s * 1e3))
+                .collect();
             eprintln!("{what} {:.1} ms: {}", total * 1e3, parts.join(", "));
         }
     }
@@ -82,7 +88,12 @@ fn main() -> Result<()> {
     if let Some(f) = save {
         let codes = enc.codes.to_dtype(DType::U32)?;
         candle_core::safetensors::save(
-            &[("codes".to_string(), codes), ("audio".to_string(), audio.clone())].into_iter().collect(),
+            &[
+                ("codes".to_string(), codes),
+                ("audio".to_string(), audio.clone()),
+            ]
+            .into_iter()
+            .collect(),
             &f,
         )?;
         eprintln!("saved {f}");
@@ -90,11 +101,26 @@ fn main() -> Result<()> {
     if let Some(f) = check {
         let r = candle_core::safetensors::load(&f, &dev)?;
         let want = r["codes"].to_dtype(DType::U32)?;
-        let same = enc.codes.to_dtype(DType::U32)?.eq(&want)?.to_dtype(DType::F32)?.mean_all()?;
-        let d = (&audio - &r["audio"])?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let peak = r["audio"].abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let same = enc
+            .codes
+            .to_dtype(DType::U32)?
+            .eq(&want)?
+            .to_dtype(DType::F32)?
+            .mean_all()?;
+        // Decoder alone: decode the stored codes and compare with the stored audio.
+        let audio = model.decode(&want, &enc.scales, 0)?;
+        let d = (&audio - &r["audio"])?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let peak = r["audio"]
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         eprintln!(
-            "check vs {f}: codes equal fraction {}, audio max abs diff {d:e} (peak {peak})",
+            "check vs {f}: codes equal fraction {}, audio of its codes max abs diff {d:e} (peak {peak})",
             same.to_scalar::<f32>()?
         );
     }

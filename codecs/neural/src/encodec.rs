@@ -15,9 +15,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, bail};
+use candle_core::{D, DType, Device, IndexOp, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
+
+use crate::kernels::{self, Tm};
 
 /// `pad_mode` of the checkpoint's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -135,7 +137,8 @@ impl Config {
 
     /// Samples per chunk for chunked (48 kHz) models.
     pub fn chunk_length(&self) -> Option<usize> {
-        self.chunk_length_s.map(|s| (s * self.sampling_rate as f64) as usize)
+        self.chunk_length_s
+            .map(|s| (s * self.sampling_rate as f64) as usize)
     }
 
     /// Stride between chunks for chunked models.
@@ -153,13 +156,22 @@ impl Config {
     /// Checks options this implementation does not support; called at load.
     pub fn validate(&self) -> Result<()> {
         if self.audio_channels == 0 || self.audio_channels > 2 {
-            bail!("encodec: audio_channels must be 1 or 2, got {}", self.audio_channels)
+            bail!(
+                "encodec: audio_channels must be 1 or 2, got {}",
+                self.audio_channels
+            )
         }
         if !self.codebook_size.is_power_of_two() {
-            bail!("encodec: codebook_size must be a power of two, got {}", self.codebook_size)
+            bail!(
+                "encodec: codebook_size must be a power of two, got {}",
+                self.codebook_size
+            )
         }
         if self.upsampling_ratios.is_empty() || self.upsampling_ratios.contains(&0) {
-            bail!("encodec: bad upsampling_ratios {:?}", self.upsampling_ratios)
+            bail!(
+                "encodec: bad upsampling_ratios {:?}",
+                self.upsampling_ratios
+            )
         }
         if self.target_bandwidths.is_empty() {
             bail!("encodec: target_bandwidths is empty")
@@ -174,43 +186,6 @@ impl Config {
             bail!("encodec: chunk_length_s and overlap must be set together")
         }
         Ok(())
-    }
-}
-
-/// Pads the last dimension as `_pad1d` in the reference: for reflect mode on an input not longer
-/// than the pad, zeros are appended first so the reflection is defined.
-fn pad1d(xs: &Tensor, left: usize, right: usize, mode: PadMode) -> Result<Tensor> {
-    if left == 0 && right == 0 {
-        return Ok(xs.clone());
-    }
-    match mode {
-        PadMode::Constant => xs.pad_with_zeros(D::Minus1, left, right),
-        PadMode::Replicate => xs.pad_with_same(D::Minus1, left, right),
-        PadMode::Reflect => {
-            let len = xs.dim(D::Minus1)?;
-            let max_pad = left.max(right);
-            let (xs, extra) = if len <= max_pad {
-                let extra = max_pad - len + 1;
-                (xs.pad_with_zeros(D::Minus1, 0, extra)?, extra)
-            } else {
-                (xs.clone(), 0)
-            };
-            let len = len + extra;
-            let dev = xs.device();
-            let mut parts = Vec::with_capacity(3);
-            if left > 0 {
-                let idx: Vec<u32> = (1..=left as u32).rev().collect();
-                parts.push(xs.index_select(&Tensor::new(idx, dev)?, D::Minus1)?);
-            }
-            parts.push(xs.clone());
-            if right > 0 {
-                let idx: Vec<u32> = (0..right).map(|i| (len - 2 - i) as u32).collect();
-                parts.push(xs.index_select(&Tensor::new(idx, dev)?, D::Minus1)?);
-            }
-            let padded = Tensor::cat(&parts, D::Minus1)?;
-            let total = padded.dim(D::Minus1)?;
-            padded.narrow(D::Minus1, 0, total - extra)
-        }
     }
 }
 
@@ -231,41 +206,41 @@ fn load_conv_weight(vb: &VarBuilder, shape: (usize, usize, usize)) -> Result<Ten
 /// `GroupNorm(1, C)` over (C, T) of each batch item (the reference's "time group norm").
 #[derive(Debug, Clone)]
 struct GroupNorm1 {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
 }
 
 impl GroupNorm1 {
     fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")? })
+        Ok(Self {
+            weight: kernels::to_vec(&vb.get(channels, "weight")?)?,
+            bias: kernels::to_vec(&vb.get(channels, "bias")?)?,
+        })
     }
-}
 
-impl Module for GroupNorm1 {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, t) = xs.dims3()?;
-        let flat = xs.reshape((b, c * t))?;
-        let mean = flat.mean_keepdim(1)?;
-        let centered = flat.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(1)?;
-        let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?.reshape((b, c, t))?;
-        normed
-            .broadcast_mul(&self.weight.reshape((1, c, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1))?)
+    /// Normalises one time-major `(T, C)` item in place.
+    fn apply(&self, xs: &mut [f32]) {
+        kernels::group_norm1(xs, &self.weight, &self.bias, 1e-5);
     }
 }
 
 /// `EncodecConv1d`: a conv with the reference's asymmetric/causal padding and normalisation.
+/// Runs on time-major activations (see [`kernels`]); the bias is folded into the gemm operand.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv1d {
-    weight: Tensor,
-    bias: Tensor,
+    /// `(k * (c_in + 1), c_out)`: the weight as a gemm operand for inputs with a ones column.
+    wt: Tensor,
     norm: Option<GroupNorm1>,
+    c_in: usize,
+    k: usize,
     stride: usize,
     dilation: usize,
     kernel_eff: usize,
     causal: bool,
     pad_mode: PadMode,
+    /// Raw weight `(c_out, c_in, k)` and bias, for the fused residual block.
+    weight: Tensor,
+    bias: Tensor,
 }
 
 impl Conv1d {
@@ -286,14 +261,17 @@ impl Conv1d {
             NormType::TimeGroupNorm => Some(GroupNorm1::new(c_out, vb.pp("norm"))?),
         };
         Ok(Self {
-            weight,
-            bias,
+            wt: kernels::conv_weight_t(&weight, Some(&bias), c_in + 1)?,
             norm,
+            c_in,
+            k,
             stride,
             dilation,
             kernel_eff: (k - 1) * dilation + 1,
             causal: cfg.use_causal_conv,
             pad_mode: cfg.pad_mode,
+            weight,
+            bias,
         })
     }
 
@@ -303,47 +281,85 @@ impl Conv1d {
 
     /// `_get_extra_padding_for_conv1d`: right padding so the last window is complete.
     fn extra_padding(&self, len: usize) -> usize {
-        let (k, s, p) = (self.kernel_eff as f64, self.stride as f64, self.padding_total() as f64);
+        let (k, s, p) = (
+            self.kernel_eff as f64,
+            self.stride as f64,
+            self.padding_total() as f64,
+        );
         let n_frames = ((len as f64 - k + p) / s + 1.0).ceil() - 1.0;
         let ideal = n_frames * s + k - p;
         (ideal - len as f64).max(0.0) as usize
     }
-}
 
-impl Module for Conv1d {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let len = xs.dim(D::Minus1)?;
+    /// (left, right) padding for an input of `len` frames.
+    fn padding(&self, len: usize) -> (usize, usize) {
         let extra = self.extra_padding(len);
         let total = self.padding_total();
-        let (left, right) = if self.causal {
+        if self.causal {
             (total, extra)
         } else {
             let right = total / 2;
             (total - right, right + extra)
-        };
-        let xs = pad1d(xs, left, right, self.pad_mode)?;
-        let ys = xs.conv1d(&self.weight, 0, self.stride, self.dilation, 1)?;
-        let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
-        match &self.norm {
-            Some(n) => n.forward(&ys),
-            None => Ok(ys),
         }
+    }
+
+    /// The conv of an input of `len` frames (after an ELU when `pre_elu`).
+    fn spec(&self, len: usize, pre_elu: bool) -> kernels::ConvSpec<'_> {
+        let (left, right) = self.padding(len);
+        kernels::ConvSpec {
+            c_in: self.c_in,
+            k: self.k,
+            stride: self.stride,
+            dilation: self.dilation,
+            left,
+            right,
+            mode: self.pad_mode,
+            wt: &self.wt,
+            pre_elu,
+        }
+    }
+
+    fn forward_tm(&self, xs: &Tm, pre_elu: bool) -> Result<Tm> {
+        let (b, len, _) = xs.dims();
+        let spec = self.spec(len, pre_elu);
+        let (t_out, c_out) = (spec.t_out(len)?, self.wt.dim(1)?);
+        let mut out = kernels::pool_get(b * t_out * c_out);
+        for i in 0..b {
+            spec.run_into(xs.item(i), 0, 0, &mut out)?;
+            if let Some(n) = &self.norm {
+                n.apply(&mut out[i * t_out * c_out..]);
+            }
+        }
+        Tm::new(out, b, t_out, c_out)
     }
 }
 
 /// `EncodecConvTranspose1d`: transposed conv, then the reference's fixed un-padding.
+/// Computed as a plain conv with `stride * c_out` channels (see
+/// [`kernels::conv_tr_as_conv_weight`]).
 #[derive(Debug, Clone)]
 pub(crate) struct ConvTranspose1d {
-    weight: Tensor,
-    bias: Tensor,
+    /// `(taps * (c_in + 1), stride * c_out)` gemm operand, bias included.
+    wt: Tensor,
+    taps: usize,
     norm: Option<GroupNorm1>,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
     stride: usize,
     pad_left: usize,
     pad_right: usize,
 }
 
 impl ConvTranspose1d {
-    fn new(cfg: &Config, c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &Config,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let conv_vb = vb.pp("conv");
         // ConvTranspose1d weights are (in, out, k); weight norm is over dim 0 there too.
         let weight = load_conv_weight(&conv_vb, (c_in, c_out, k))?;
@@ -358,20 +374,57 @@ impl ConvTranspose1d {
         } else {
             total / 2
         };
-        Ok(Self { weight, bias, norm, stride, pad_left: total - pad_right, pad_right })
+        let (wt, taps) = kernels::conv_tr_as_conv_weight(&weight, &bias, stride)?;
+        Ok(Self {
+            wt,
+            taps,
+            norm,
+            c_in,
+            c_out,
+            k,
+            stride,
+            pad_left: total - pad_right,
+            pad_right,
+        })
     }
-}
 
-impl Module for ConvTranspose1d {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.conv_transpose1d(&self.weight, 0, 0, self.stride, 1, 1)?;
-        let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1))?)?;
-        let ys = match &self.norm {
-            Some(n) => n.forward(&ys)?,
-            None => ys,
+    fn forward_tm(&self, xs: &Tm, pre_elu: bool) -> Result<Tm> {
+        let (b, len, _) = xs.dims();
+        let spec = kernels::ConvSpec {
+            c_in: self.c_in,
+            k: self.taps,
+            stride: 1,
+            dilation: 1,
+            left: self.taps - 1,
+            right: self.taps - 1,
+            mode: PadMode::Constant,
+            wt: &self.wt,
+            pre_elu,
         };
-        let len = ys.dim(D::Minus1)?;
-        ys.narrow(D::Minus1, self.pad_left, len - self.pad_left - self.pad_right)
+        // The conv gives `(len + taps - 1) * stride` rows; the transposed conv has `full`.
+        let rows = (len + self.taps - 1) * self.stride;
+        let full = (len - 1) * self.stride + self.k;
+        let keep = full - self.pad_left - self.pad_right;
+        let c = self.c_out;
+        let mut out = kernels::pool_get(b * keep * c);
+        for i in 0..b {
+            match &self.norm {
+                None => spec.run_into(
+                    xs.item(i),
+                    self.pad_left * c,
+                    (rows - full + self.pad_right) * c,
+                    &mut out,
+                )?,
+                Some(n) => {
+                    // The reference normalises the untrimmed output, then trims.
+                    let mut ys = Vec::with_capacity(full * c);
+                    spec.run_into(xs.item(i), 0, (rows - full) * c, &mut ys)?;
+                    n.apply(&mut ys);
+                    out.extend_from_slice(&ys[self.pad_left * c..(full - self.pad_right) * c]);
+                }
+            }
+        }
+        Tm::new(out, b, keep, c)
     }
 }
 
@@ -380,6 +433,9 @@ impl Module for ConvTranspose1d {
 pub(crate) struct ResnetBlock {
     convs: Vec<Conv1d>,
     shortcut: Option<Conv1d>,
+    /// Without normalisation, the last 1x1 conv and the shortcut are one gemm over the
+    /// concatenated input `[x | elu(h) | 1]`: operand `(dim + hidden + 1, dim)`.
+    fused_tail: Option<Tensor>,
 }
 
 impl ResnetBlock {
@@ -391,36 +447,148 @@ impl ResnetBlock {
             let c_in = if i == 0 { dim } else { hidden };
             let c_out = if i == kernels.len() - 1 { dim } else { hidden };
             // Indices 0 and 2 of `block` are the parameter-free ELUs.
-            convs.push(Conv1d::new(cfg, c_in, c_out, *k, 1, d, vb.pp("block").pp(2 * i + 1))?);
+            convs.push(Conv1d::new(
+                cfg,
+                c_in,
+                c_out,
+                *k,
+                1,
+                d,
+                vb.pp("block").pp(2 * i + 1),
+            )?);
         }
         let shortcut = if cfg.use_conv_shortcut {
             Some(Conv1d::new(cfg, dim, dim, 1, 1, 1, vb.pp("shortcut"))?)
         } else {
             None
         };
-        Ok(Self { convs, shortcut })
-    }
-}
-
-impl Module for ResnetBlock {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut ys = xs.clone();
-        for conv in &self.convs {
-            ys = conv.forward(&ys.elu(1.0)?)?;
-        }
-        let residual = match &self.shortcut {
-            Some(s) => s.forward(xs)?,
-            None => xs.clone(),
+        let fused_tail = if cfg.norm_type == NormType::WeightNorm {
+            Some(Self::fused_operand(
+                &convs[1],
+                shortcut.as_ref(),
+                dim,
+                hidden,
+            )?)
+        } else {
+            None
         };
-        residual + ys
+        Ok(Self {
+            convs,
+            shortcut,
+            fused_tail,
+        })
+    }
+
+    /// Stacks `[shortcut^T (or identity); conv2^T; b_shortcut + b_conv2]`.
+    fn fused_operand(
+        conv2: &Conv1d,
+        shortcut: Option<&Conv1d>,
+        dim: usize,
+        hidden: usize,
+    ) -> Result<Tensor> {
+        let dev = conv2.weight.device();
+        let w2 = kernels::to_vec(&conv2.weight)?; // (dim, hidden, 1)
+        let mut bias = kernels::to_vec(&conv2.bias)?;
+        let mut out = vec![0f32; (dim + hidden + 1) * dim];
+        match shortcut {
+            Some(s) => {
+                let ws = kernels::to_vec(&s.weight)?; // (dim, dim, 1)
+                for co in 0..dim {
+                    for ci in 0..dim {
+                        out[ci * dim + co] = ws[co * dim + ci];
+                    }
+                }
+                for (b, v) in bias.iter_mut().zip(kernels::to_vec(&s.bias)?) {
+                    *b += v;
+                }
+            }
+            None => {
+                for c in 0..dim {
+                    out[c * dim + c] = 1.0;
+                }
+            }
+        }
+        for co in 0..dim {
+            for ci in 0..hidden {
+                out[(dim + ci) * dim + co] = w2[co * hidden + ci];
+            }
+        }
+        out[(dim + hidden) * dim..].copy_from_slice(&bias);
+        Tensor::from_vec(out, (dim + hidden + 1, dim), dev)
+    }
+
+    fn forward_tm(&self, xs: &Tm) -> Result<Tm> {
+        let Some(tail) = &self.fused_tail else {
+            let mut ys = self.convs[0].forward_tm(xs, true)?;
+            for conv in &self.convs[1..] {
+                let next = conv.forward_tm(&ys, true)?;
+                std::mem::replace(&mut ys, next).recycle();
+            }
+            match &self.shortcut {
+                Some(s) => {
+                    let r = s.forward_tm(xs, false)?;
+                    for (y, r) in ys.data.iter_mut().zip(&r.data) {
+                        *y += r;
+                    }
+                    r.recycle();
+                }
+                None => {
+                    for (y, x) in ys.data.iter_mut().zip(&xs.data) {
+                        *y += x;
+                    }
+                }
+            }
+            return Ok(ys);
+        };
+        let (b, len, dim) = xs.dims();
+        let conv1 = &self.convs[0];
+        let spec = conv1.spec(len, true);
+        if spec.t_out(len)? != len {
+            bail!("encodec: residual conv changes the length")
+        }
+        let hidden = conv1.wt.dim(1)?;
+        let width = dim + hidden + 1;
+        let mut out = kernels::pool_get(b * len * dim);
+        for i in 0..b {
+            let x = xs.item(i);
+            // Tiled: conv1 on a tile, then [x | elu(h) | 1] · tail, all in cache.
+            let tile = spec.tile_rows();
+            let mut t0 = 0;
+            while t0 < len {
+                let n = tile.min(len - t0);
+                let h = spec.tile(x, t0, n)?;
+                let prof = crate::profile::scope(crate::profile::Kind::ConvInput);
+                let mut cat = vec![0f32; n * width];
+                kernels::with_f32(&h, |h| {
+                    kernels::par_rows(&mut cat, width, |out, row0| {
+                        for (j, row) in out.chunks_exact_mut(width).enumerate() {
+                            let (t, r) = (t0 + row0 + j, row0 + j);
+                            row[..dim].copy_from_slice(&x[t * dim..(t + 1) * dim]);
+                            let hr = &h[r * hidden..(r + 1) * hidden];
+                            for (o, &v) in row[dim..dim + hidden].iter_mut().zip(hr) {
+                                *o = kernels::elu(v);
+                            }
+                            row[dim + hidden] = 1.0;
+                        }
+                    })
+                })?;
+                drop(prof);
+                let prof = crate::profile::scope(crate::profile::Kind::ConvGemm);
+                let y = Tensor::from_vec(cat, (n, width), h.device())?.matmul(tail)?;
+                drop(prof);
+                kernels::with_f32(&y, |y| out.extend_from_slice(y))?;
+                t0 += n;
+            }
+        }
+        Tm::new(out, b, len, dim)
     }
 }
 
-/// Carried state of the LSTM: `(h, c)` per layer, each `(batch, hidden)`.
+/// Carried state of the LSTM: `(h, c)` per layer, each `batch * hidden` floats.
 #[derive(Debug, Clone)]
 pub(crate) struct LstmState {
-    h: Vec<Tensor>,
-    c: Vec<Tensor>,
+    h: Vec<Vec<f32>>,
+    c: Vec<Vec<f32>>,
 }
 
 /// `EncodecLSTM`: a stacked unidirectional LSTM on conv layout, with a skip connection.
@@ -428,7 +596,9 @@ pub(crate) struct LstmState {
 #[derive(Debug, Clone)]
 pub(crate) struct Lstm {
     w_ih_t: Vec<Tensor>,
-    w_hh_t: Vec<Tensor>,
+    /// Per layer, the rows of the recurrent weights `(4 * hidden, hidden)` for the first and
+    /// the second half of the hidden units (see [`kernels::lstm_recurrence`]).
+    w_hh: Vec<[Vec<f32>; 2]>,
     bias: Vec<Tensor>,
     hidden: usize,
 }
@@ -436,58 +606,85 @@ pub(crate) struct Lstm {
 impl Lstm {
     fn new(cfg: &Config, dim: usize, vb: VarBuilder) -> Result<Self> {
         let mut w_ih_t = Vec::new();
-        let mut w_hh_t = Vec::new();
+        let mut w_hh = Vec::new();
         let mut bias = Vec::new();
         for l in 0..cfg.num_lstm_layers {
-            w_ih_t.push(vb.get((4 * dim, dim), &format!("weight_ih_l{l}"))?.t()?.contiguous()?);
-            w_hh_t.push(vb.get((4 * dim, dim), &format!("weight_hh_l{l}"))?.t()?.contiguous()?);
-            let b = (vb.get(4 * dim, &format!("bias_ih_l{l}"))? + vb.get(4 * dim, &format!("bias_hh_l{l}"))?)?;
+            w_ih_t.push(
+                vb.get((4 * dim, dim), &format!("weight_ih_l{l}"))?
+                    .t()?
+                    .contiguous()?,
+            );
+            let w = kernels::to_vec(&vb.get((4 * dim, dim), &format!("weight_hh_l{l}"))?)?;
+            w_hh.push([
+                kernels::lstm_rows(&w, dim, 0, dim / 2),
+                kernels::lstm_rows(&w, dim, dim / 2, dim),
+            ]);
+            let b = (vb.get(4 * dim, &format!("bias_ih_l{l}"))?
+                + vb.get(4 * dim, &format!("bias_hh_l{l}"))?)?;
             bias.push(b.reshape((1, 4 * dim))?);
         }
-        Ok(Self { w_ih_t, w_hh_t, bias, hidden: dim })
+        Ok(Self {
+            w_ih_t,
+            w_hh,
+            bias,
+            hidden: dim,
+        })
     }
 
-    pub(crate) fn zero_state(&self, batch: usize, dev: &Device) -> Result<LstmState> {
-        let z = Tensor::zeros((batch, self.hidden), DType::F32, dev)?;
-        Ok(LstmState { h: vec![z.clone(); self.w_ih_t.len()], c: vec![z; self.w_ih_t.len()] })
+    pub(crate) fn zero_state(&self, batch: usize, _dev: &Device) -> Result<LstmState> {
+        let z = vec![0f32; batch * self.hidden];
+        Ok(LstmState {
+            h: vec![z.clone(); self.w_hh.len()],
+            c: vec![z; self.w_hh.len()],
+        })
     }
 
     /// Runs `xs` (batch, C, T) from `state`, returning `lstm(xs) + xs` and updating `state`.
     pub(crate) fn forward_with_state(&self, xs: &Tensor, state: &mut LstmState) -> Result<Tensor> {
-        let _t = crate::profile::scope(crate::profile::Kind::Lstm);
-        let (b, c, t) = xs.dims3()?;
-        if t == 0 {
+        if xs.dim(2)? == 0 {
             return Ok(xs.clone());
         }
+        self.forward_tm(&Tm::from_bct(xs)?, state, xs.device())?
+            .to_bct(xs.device())
+    }
+
+    /// Time-major version of [`Lstm::forward_with_state`].
+    pub(crate) fn forward_tm(&self, xs: &Tm, state: &mut LstmState, dev: &Device) -> Result<Tm> {
+        let _t = crate::profile::scope(crate::profile::Kind::Lstm);
+        let (b, t, c) = xs.dims();
         let h = self.hidden;
-        // (T, B, C) time-major input for the first layer.
-        let mut layer_in = xs.permute((2, 0, 1))?.contiguous()?;
-        for l in 0..self.w_ih_t.len() {
-            // The input projection of all time steps is one matmul; only h @ W_hh is sequential.
-            let proj = layer_in
-                .reshape((t * b, c))?
-                .matmul(&self.w_ih_t[l])?
-                .broadcast_add(&self.bias[l])?
-                .reshape((t, b, 4 * h))?;
-            let mut hs = state.h[l].clone();
-            let mut cs = state.c[l].clone();
-            let mut outs = Vec::with_capacity(t);
-            for step in 0..t {
-                let gates = (proj.i(step)? + hs.matmul(&self.w_hh_t[l])?)?;
-                let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, h)?)?;
-                let f = candle_nn::ops::sigmoid(&gates.narrow(1, h, h)?)?;
-                let g = gates.narrow(1, 2 * h, h)?.tanh()?;
-                let o = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * h, h)?)?;
-                cs = ((f * &cs)? + (i * g)?)?;
-                hs = (o * cs.tanh()?)?;
-                outs.push(hs.clone());
-            }
-            state.h[l] = hs;
-            state.c[l] = cs;
-            layer_in = Tensor::stack(&outs, 0)?;
+        if c != h {
+            bail!("encodec: LSTM of width {h} given {c} channels")
         }
-        let out = layer_in.permute((1, 2, 0))?;
-        out + xs
+        let mut layer_in = Tensor::from_slice(&xs.data, (b * t, c), dev)?;
+        let mut out = Vec::new();
+        for l in 0..self.w_ih_t.len() {
+            // The input projection of all time steps is one matmul; only W_hh h is sequential.
+            let proj = layer_in
+                .matmul(&self.w_ih_t[l])?
+                .broadcast_add(&self.bias[l])?;
+            let proj = kernels::to_vec(&proj)?; // (b, t, 4h)
+            out = vec![0f32; b * t * h];
+            let _t = crate::profile::scope(crate::profile::Kind::LstmStep);
+            for bi in 0..b {
+                let hs = &mut state.h[l][bi * h..(bi + 1) * h];
+                let cs = &mut state.c[l][bi * h..(bi + 1) * h];
+                kernels::lstm_recurrence(
+                    &proj[bi * t * 4 * h..(bi + 1) * t * 4 * h],
+                    &self.w_hh[l],
+                    hs,
+                    cs,
+                    &mut out[bi * t * h..(bi + 1) * t * h],
+                );
+            }
+            if l + 1 < self.w_ih_t.len() {
+                layer_in = Tensor::from_slice(&out, (b * t, h), dev)?;
+            }
+        }
+        for (o, x) in out.iter_mut().zip(&xs.data) {
+            *o += x;
+        }
+        Tm::new(out, b, t, c)
     }
 }
 
@@ -500,25 +697,62 @@ pub(crate) enum Layer {
     Elu,
 }
 
-impl Module for Layer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let _t = crate::profile::scope(match self {
-            Layer::Conv(_) => crate::profile::Kind::Conv,
-            Layer::ConvTr(_) => crate::profile::Kind::ConvTr,
-            Layer::Res(_) => crate::profile::Kind::ResBlock,
-            Layer::Elu => crate::profile::Kind::Elu,
-        });
-        match self {
-            Layer::Conv(c) => c.forward(xs),
-            Layer::ConvTr(c) => c.forward(xs),
-            Layer::Res(r) => r.forward(xs),
-            Layer::Elu => xs.elu(1.0),
-        }
-    }
+/// Runs a stack on a `(B, C, T)` tensor.
+pub(crate) fn run(layers: &[Layer], xs: &Tensor) -> Result<Tensor> {
+    let xs = {
+        let _t = crate::profile::scope(crate::profile::Kind::Layout);
+        Tm::from_bct(xs)?
+    };
+    let ys = run_tm(layers, xs)?;
+    let _t = crate::profile::scope(crate::profile::Kind::Layout);
+    let out = ys.to_bct(&Device::Cpu)?;
+    ys.recycle();
+    Ok(out)
 }
 
-pub(crate) fn run(layers: &[Layer], xs: &Tensor) -> Result<Tensor> {
-    layers.iter().try_fold(xs.clone(), |acc, l| l.forward(&acc))
+/// Runs a stack on time-major activations, fusing each ELU into the conv that follows it.
+/// Consumes the input (its buffer is recycled).
+pub(crate) fn run_tm(layers: &[Layer], xs: Tm) -> Result<Tm> {
+    use crate::profile::{Kind, scope};
+    let mut xs = xs;
+    let mut pending_elu = false;
+    for layer in layers {
+        let next = match layer {
+            Layer::Elu => {
+                if pending_elu {
+                    elu_tm(&mut xs);
+                }
+                pending_elu = true;
+                continue;
+            }
+            Layer::Conv(c) => {
+                let _t = scope(Kind::Conv);
+                c.forward_tm(&xs, pending_elu)?
+            }
+            Layer::ConvTr(c) => {
+                let _t = scope(Kind::ConvTr);
+                c.forward_tm(&xs, pending_elu)?
+            }
+            Layer::Res(r) => {
+                if pending_elu {
+                    elu_tm(&mut xs);
+                }
+                let _t = scope(Kind::ResBlock);
+                r.forward_tm(&xs)?
+            }
+        };
+        std::mem::replace(&mut xs, next).recycle();
+        pending_elu = false;
+    }
+    if pending_elu {
+        elu_tm(&mut xs);
+    }
+    Ok(xs)
+}
+
+fn elu_tm(xs: &mut Tm) {
+    let _t = crate::profile::scope(crate::profile::Kind::Elu);
+    kernels::elu_inplace(&mut xs.data);
 }
 
 /// A SEANet encoder or decoder, split around its LSTM: `pre` → LSTM (+skip) → `post`.
@@ -553,11 +787,24 @@ impl Seanet {
             let dim = scaling * cfg.num_filters;
             for j in 0..cfg.num_residual_layers {
                 let d = cfg.dilation_growth_rate.pow(j as u32);
-                pre.push(Layer::Res(ResnetBlock::new(cfg, dim, [d, 1], vb.pp(next()))?));
+                pre.push(Layer::Res(ResnetBlock::new(
+                    cfg,
+                    dim,
+                    [d, 1],
+                    vb.pp(next()),
+                )?));
             }
             next();
             pre.push(Layer::Elu);
-            pre.push(Layer::Conv(Conv1d::new(cfg, dim, dim * 2, ratio * 2, ratio, 1, vb.pp(next()))?));
+            pre.push(Layer::Conv(Conv1d::new(
+                cfg,
+                dim,
+                dim * 2,
+                ratio * 2,
+                ratio,
+                1,
+                vb.pp(next()),
+            )?));
             scaling *= 2;
         }
         let dim = scaling * cfg.num_filters;
@@ -565,7 +812,15 @@ impl Seanet {
         next();
         let post = vec![
             Layer::Elu,
-            Layer::Conv(Conv1d::new(cfg, dim, cfg.hidden_size, cfg.last_kernel_size, 1, 1, vb.pp(next()))?),
+            Layer::Conv(Conv1d::new(
+                cfg,
+                dim,
+                cfg.hidden_size,
+                cfg.last_kernel_size,
+                1,
+                1,
+                vb.pp(next()),
+            )?),
         ];
         Ok(Self { pre, lstm, post })
     }
@@ -594,10 +849,22 @@ impl Seanet {
             let dim = scaling * cfg.num_filters;
             next();
             post.push(Layer::Elu);
-            post.push(Layer::ConvTr(ConvTranspose1d::new(cfg, dim, dim / 2, ratio * 2, ratio, vb.pp(next()))?));
+            post.push(Layer::ConvTr(ConvTranspose1d::new(
+                cfg,
+                dim,
+                dim / 2,
+                ratio * 2,
+                ratio,
+                vb.pp(next()),
+            )?));
             for j in 0..cfg.num_residual_layers {
                 let d = cfg.dilation_growth_rate.pow(j as u32);
-                post.push(Layer::Res(ResnetBlock::new(cfg, dim / 2, [d, 1], vb.pp(next()))?));
+                post.push(Layer::Res(ResnetBlock::new(
+                    cfg,
+                    dim / 2,
+                    [d, 1],
+                    vb.pp(next()),
+                )?));
             }
             scaling /= 2;
         }
@@ -615,22 +882,24 @@ impl Seanet {
         Ok(Self { pre, lstm, post })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = run(&self.pre, xs)?;
-        let mut state = self.lstm.zero_state(ys.dim(0)?, ys.device())?;
-        let ys = self.lstm.forward_with_state(&ys, &mut state)?;
-        run(&self.post, &ys)
+    fn forward_tm(&self, xs: Tm, dev: &Device) -> Result<Tm> {
+        let ys = run_tm(&self.pre, xs)?;
+        let mut state = self.lstm.zero_state(ys.b, dev)?;
+        let zs = self.lstm.forward_tm(&ys, &mut state, dev)?;
+        ys.recycle();
+        run_tm(&self.post, zs)
     }
 }
 
 /// Residual vector quantizer (`quantizer.layers.N.codebook.embed`).
 #[derive(Debug, Clone)]
 pub(crate) struct Quantizer {
-    /// Per codebook: (codebook_size, dim).
-    embeds: Vec<Tensor>,
-    /// Per codebook: transposed embeds (dim, codebook_size) and squared norms (1, codebook_size).
+    /// Per codebook: (codebook_size, dim) row-major.
+    embeds: Vec<Vec<f32>>,
+    /// Per codebook: transposed embeds (dim, codebook_size) and squared norms (codebook_size).
     embeds_t: Vec<Tensor>,
-    embed_sq: Vec<Tensor>,
+    embed_sq: Vec<Vec<f32>>,
+    dim: usize,
 }
 
 impl Quantizer {
@@ -639,13 +908,22 @@ impl Quantizer {
         let mut embeds_t = Vec::new();
         let mut embed_sq = Vec::new();
         for q in 0..cfg.num_quantizers() {
-            let e = vb.pp("layers").pp(q).pp("codebook").get((cfg.codebook_size, cfg.codebook_dim()), "embed")?;
+            let e = vb
+                .pp("layers")
+                .pp(q)
+                .pp("codebook")
+                .get((cfg.codebook_size, cfg.codebook_dim()), "embed")?;
             let et = e.t()?.contiguous()?;
-            embed_sq.push(et.sqr()?.sum_keepdim(0)?);
+            embed_sq.push(kernels::to_vec(&et.sqr()?.sum_keepdim(0)?)?);
             embeds_t.push(et);
-            embeds.push(e);
+            embeds.push(kernels::to_vec(&e)?);
         }
-        Ok(Self { embeds, embeds_t, embed_sq })
+        Ok(Self {
+            embeds,
+            embeds_t,
+            embed_sq,
+            dim: cfg.codebook_dim(),
+        })
     }
 
     pub(crate) fn num_quantizers(&self) -> usize {
@@ -654,43 +932,105 @@ impl Quantizer {
 
     /// (B, D, T) embeddings → (B, n_q, T) u32 codes, nearest codeword on the residual.
     pub(crate) fn encode(&self, xs: &Tensor, n_q: usize) -> Result<Tensor> {
+        self.encode_tm(&Tm::from_bct(xs)?, n_q, xs.device())
+    }
+
+    /// Time-major `(B, T, D)` embeddings → (B, n_q, T) u32 codes.
+    pub(crate) fn encode_tm(&self, xs: &Tm, n_q: usize, dev: &Device) -> Result<Tensor> {
         let _t = crate::profile::scope(crate::profile::Kind::Quantizer);
-        let (b, d, t) = xs.dims3()?;
-        let mut residual = xs.transpose(1, 2)?.reshape((b * t, d))?;
-        let mut all = Vec::with_capacity(n_q);
+        let (b, t, d) = xs.dims();
+        let mut residual = xs.data.clone();
+        let mut codes = vec![0u32; b * n_q * t];
         for q in 0..n_q {
-            // Same expression as the reference: -(|x|² - 2 x·e + |e|²), argmax.
-            let xx = residual.sqr()?.sum_keepdim(1)?;
-            let xe = residual.matmul(&self.embeds_t[q])?;
-            let dist = xx.broadcast_sub(&(xe * 2.0)?)?.broadcast_add(&self.embed_sq[q])?.neg()?;
-            let idx = dist.argmax(D::Minus1)?;
-            let quantized = self.embeds[q].index_select(&idx, 0)?;
-            residual = (residual - quantized)?;
-            all.push(idx.reshape((b, t))?);
+            let xe = Tensor::from_slice(&residual, (b * t, d), dev)?.matmul(&self.embeds_t[q])?;
+            let (embed, esq) = (&self.embeds[q], &self.embed_sq[q]);
+            let n = esq.len();
+            // Nearest codeword per row, rows split over two threads.
+            let assign = |residual: &mut [f32], xe: &[f32], best: &mut [u32]| {
+                let mut dist = vec![0f32; n];
+                for ((r, xe), best) in residual
+                    .chunks_exact_mut(d)
+                    .zip(xe.chunks_exact(n))
+                    .zip(best)
+                {
+                    // Same expression as the reference: argmax of -(|x|² - 2 x·e + |e|²).
+                    let xx: f32 = r.iter().map(|v| v * v).sum();
+                    for ((d, &xe), &es) in dist.iter_mut().zip(xe).zip(esq) {
+                        *d = -((xx - xe * 2.0) + es);
+                    }
+                    let j = kernels::argmax(&dist);
+                    for (r, e) in r.iter_mut().zip(&embed[j * d..(j + 1) * d]) {
+                        *r -= e;
+                    }
+                    *best = j as u32;
+                }
+            };
+            let mut best = vec![0u32; b * t];
+            kernels::with_f32(&xe, |xe| {
+                let rows = b * t;
+                if rows < 64 || candle_core::utils::get_num_threads() < 2 {
+                    assign(&mut residual, xe, &mut best);
+                } else {
+                    let half = rows / 2;
+                    let (r0, r1) = residual.split_at_mut(half * d);
+                    let (x0, x1) = xe.split_at(half * n);
+                    let (b0, b1) = best.split_at_mut(half);
+                    std::thread::scope(|s| {
+                        s.spawn(|| assign(r1, x1, b1));
+                        assign(r0, x0, b0);
+                    });
+                }
+            })?;
+            for (row, &j) in best.iter().enumerate() {
+                codes[((row / t) * n_q + q) * t + row % t] = j;
+            }
         }
-        Tensor::stack(&all, 1)
+        Tensor::from_vec(codes, (b, n_q, t), dev)
     }
 
     /// (B, n_q, T) codes → (B, D, T) summed embeddings.
     pub(crate) fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        self.decode_tm(codes)?.to_bct(codes.device())
+    }
+
+    /// (B, n_q, T) codes → time-major `(B, T, D)` summed embeddings.
+    pub(crate) fn decode_tm(&self, codes: &Tensor) -> Result<Tm> {
         let _t = crate::profile::scope(crate::profile::Kind::Quantizer);
         let (b, n_q, t) = codes.dims3()?;
         if n_q > self.embeds.len() {
-            bail!("encodec: {n_q} codebooks given, the model has {}", self.embeds.len())
+            bail!(
+                "encodec: {n_q} codebooks given, the model has {}",
+                self.embeds.len()
+            )
         }
-        let mut acc: Option<Tensor> = None;
-        for q in 0..n_q {
-            let idx = codes.i((.., q, ..))?.flatten_all()?;
-            let e = self.embeds[q].index_select(&idx, 0)?.reshape((b, t, ()))?;
-            acc = Some(match acc {
-                None => e,
-                Some(a) => (a + e)?,
-            });
+        if n_q == 0 {
+            bail!("encodec: no codebooks to decode")
         }
-        match acc {
-            Some(a) => a.transpose(1, 2)?.contiguous(),
-            None => bail!("encodec: no codebooks to decode"),
+        let d = self.dim;
+        let size = self.embed_sq[0].len();
+        let idx = codes
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let mut out = vec![0f32; b * t * d];
+        for bi in 0..b {
+            for q in 0..n_q {
+                for ti in 0..t {
+                    let code = idx[(bi * n_q + q) * t + ti] as usize;
+                    if code >= size {
+                        bail!("encodec: code {code} out of range for codebook size {size}")
+                    }
+                    let dst = &mut out[(bi * t + ti) * d..(bi * t + ti + 1) * d];
+                    for (o, e) in dst
+                        .iter_mut()
+                        .zip(&self.embeds[q][code * d..(code + 1) * d])
+                    {
+                        *o += e;
+                    }
+                }
+            }
         }
+        Tm::new(out, b, t, d)
     }
 }
 
@@ -734,8 +1074,9 @@ impl Encodec {
     /// both weight-norm key styles (`weight_g`/`weight_v` and
     /// `parametrizations.weight.original0/1`).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let cfg_text = std::fs::read_to_string(dir.join("config.json"))
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", dir.join("config.json").display())))?;
+        let cfg_text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: {e}", dir.join("config.json").display()))
+        })?;
         let cfg = Self::parse_config(&cfg_text)?;
         let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
         Self::from_tensors(&cfg, tensors, device)
@@ -743,11 +1084,16 @@ impl Encodec {
 
     /// Parses a transformers `config.json`.
     pub fn parse_config(json: &str) -> Result<Config> {
-        serde_json::from_str(json).map_err(|e| candle_core::Error::Msg(format!("encodec config.json: {e}")))
+        serde_json::from_str(json)
+            .map_err(|e| candle_core::Error::Msg(format!("encodec config.json: {e}")))
     }
 
     /// Builds the model from a tensor map, normalising weight-norm key names.
-    pub fn from_tensors(cfg: &Config, tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+    pub fn from_tensors(
+        cfg: &Config,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let tensors = tensors
             .into_iter()
             .map(|(k, v)| {
@@ -760,7 +1106,9 @@ impl Encodec {
         // Training-only buffers of the codebooks are not parameters of the codec.
         let num_parameters = tensors
             .iter()
-            .filter(|(k, _)| !(k.ends_with("embed_avg") || k.ends_with("cluster_size") || k.ends_with("inited")))
+            .filter(|(k, _)| {
+                !(k.ends_with("embed_avg") || k.ends_with("cluster_size") || k.ends_with("inited"))
+            })
             .map(|(_, v)| v.elem_count())
             .sum();
         let mut model = Self::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
@@ -786,11 +1134,21 @@ impl Encodec {
     /// Bandwidth check: `None` or one of `target_bandwidths`.
     pub fn check_bandwidth(&self, bandwidth: Option<f32>) -> Result<usize> {
         if let Some(bw) = bandwidth
-            && !self.cfg.target_bandwidths.iter().any(|&b| (b - bw).abs() < 1e-6)
+            && !self
+                .cfg
+                .target_bandwidths
+                .iter()
+                .any(|&b| (b - bw).abs() < 1e-6)
         {
-            bail!("bandwidth {bw} kbps is not supported; choose one of {:?}", self.cfg.target_bandwidths)
+            bail!(
+                "bandwidth {bw} kbps is not supported; choose one of {:?}",
+                self.cfg.target_bandwidths
+            )
         }
-        Ok(self.cfg.quantizers_for_bandwidth(bandwidth).min(self.quantizer.num_quantizers()))
+        Ok(self
+            .cfg
+            .quantizers_for_bandwidth(bandwidth)
+            .min(self.quantizer.num_quantizers()))
     }
 
     /// Encodes one chunk (`_encode_frame`): optional normalisation, encoder, RVQ. Returns
@@ -803,8 +1161,14 @@ impl Encodec {
         } else {
             (xs.clone(), None)
         };
-        let emb = self.encoder.forward(&xs)?;
-        Ok((self.quantizer.encode(&emb, n_q)?, scale))
+        let xs = {
+            let _t = crate::profile::scope(crate::profile::Kind::Layout);
+            Tm::from_bct(&xs)?
+        };
+        let emb = self.encoder.forward_tm(xs, &self.device)?;
+        let codes = self.quantizer.encode_tm(&emb, n_q, &self.device)?;
+        emb.recycle();
+        Ok((codes, scale))
     }
 
     /// Encodes `(batch, channels, samples)` audio at the model's rate. `bandwidth` must be one of
@@ -814,7 +1178,10 @@ impl Encodec {
         let n_q = self.check_bandwidth(bandwidth)?;
         let (_b, c, len) = xs.dims3()?;
         if c != self.cfg.audio_channels {
-            bail!("encodec: expected {} channels, got {c}", self.cfg.audio_channels)
+            bail!(
+                "encodec: expected {} channels, got {c}",
+                self.cfg.audio_channels
+            )
         }
         if len == 0 {
             bail!("encodec: empty input")
@@ -839,13 +1206,23 @@ impl Encodec {
         if pad > 0 {
             frames[last] = frames[last].pad_with_zeros(2, 0, pad)?;
         }
-        Ok(Encoded { codes: Tensor::stack(&frames, 0)?, scales, last_frame_pad_length: pad })
+        Ok(Encoded {
+            codes: Tensor::stack(&frames, 0)?,
+            scales,
+            last_frame_pad_length: pad,
+        })
     }
 
     /// Decodes one chunk of `(batch, n_q, frames)` codes (`_decode_frame`).
     pub fn decode_frame(&self, codes: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
-        let emb = self.quantizer.decode(codes)?;
-        let out = self.decoder.forward(&emb)?;
+        let emb = self.quantizer.decode_tm(codes)?;
+        let out = self.decoder.forward_tm(emb, &self.device)?;
+        let out = {
+            let _t = crate::profile::scope(crate::profile::Kind::Layout);
+            let t = out.to_bct(&self.device)?;
+            out.recycle();
+            t
+        };
         match scale {
             Some(s) => out.broadcast_mul(&s.reshape(((), 1, 1))?),
             None => Ok(out),
@@ -855,7 +1232,12 @@ impl Encodec {
     /// Decodes codes `(n_chunks, batch, n_q, frames)` to audio `(batch, channels, samples)`,
     /// as the reference's `decode` (chunks recombined by linear overlap-add). The output is not
     /// trimmed: trim it to the input length where known.
-    pub fn decode(&self, codes: &Tensor, scales: &[Option<Tensor>], last_frame_pad_length: usize) -> Result<Tensor> {
+    pub fn decode(
+        &self,
+        codes: &Tensor,
+        scales: &[Option<Tensor>],
+        last_frame_pad_length: usize,
+    ) -> Result<Tensor> {
         let n_chunks = codes.dim(0)?;
         if n_chunks == 0 {
             bail!("encodec: no chunks to decode")
@@ -880,7 +1262,9 @@ impl Encodec {
             Some(stride) => {
                 let mut decoded = Vec::with_capacity(n_chunks);
                 for i in 0..n_chunks {
-                    decoded.push(self.decode_frame(&frame_of(i)?, scales.get(i).and_then(|s| s.as_ref()))?);
+                    decoded.push(
+                        self.decode_frame(&frame_of(i)?, scales.get(i).and_then(|s| s.as_ref()))?,
+                    );
                 }
                 linear_overlap_add(&decoded, stride)
             }
@@ -890,7 +1274,9 @@ impl Encodec {
 
 /// `_linear_overlap_add`: triangular weights peaking mid-chunk, normalised by their sum.
 pub fn linear_overlap_add(frames: &[Tensor], stride: usize) -> Result<Tensor> {
-    let Some(first) = frames.first() else { bail!("encodec: nothing to overlap-add") };
+    let Some(first) = frames.first() else {
+        bail!("encodec: nothing to overlap-add")
+    };
     let dev = first.device();
     let frame_len = first.dim(D::Minus1)?;
     let last_len = frames[frames.len() - 1].dim(D::Minus1)?;
@@ -918,7 +1304,7 @@ pub fn linear_overlap_add(frames: &[Tensor], stride: usize) -> Result<Tensor> {
             sum_w[offset + j] += weight[j];
         }
     }
-    if sum_w.iter().any(|&w| w == 0.0) {
+    if sum_w.contains(&0.0) {
         bail!("encodec: overlap-add weights vanish; chunk stride larger than chunk")
     }
     for bc in 0..b * c {

@@ -6,12 +6,18 @@
 //! Then the im2col matrix of a conv with dilation 1 is a *view* of the padded input: row `t` is
 //! the `K * C` consecutive floats starting at `t * stride * C` (candle's `unfold`), so a conv is
 //! one gemm `(T_out, K*C_in) x (K*C_in, C_out)` with no copy but the padding, and its output is
-//! time-major again. A transposed conv is the gemm `(T, C_in) x (C_in, K*C_out)` followed by an
-//! overlap-add of rows. Biases ride in the gemm as an extra all-ones input column where the
-//! input buffer is built here anyway; ELUs are fused into the copies that build conv inputs.
+//! time-major again. A transposed conv with `K = m * stride` is a stride-1 conv with `m` taps and
+//! `stride * C_out` output channels (see [`conv_tr_as_conv_weight`]), so it needs no
+//! overlap-add. Biases ride in the gemm as an extra all-ones input column; ELUs are fused into
+//! the copies that build conv inputs. Convs run tile by tile over time ([`ConvSpec`]) so that
+//! inputs, packed operands and outputs of a tile stay in cache, and residual blocks fuse their
+//! last 1x1 conv with the shortcut in one gemm over `[x | elu(h) | 1]`.
 //!
 //! Elementwise code is plain Rust over slices, written so that it auto-vectorises (the
 //! exponential is a branch-free polynomial rather than `f32::exp`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use candle_core::{Result, Storage, Tensor, bail};
 
@@ -19,9 +25,15 @@ use crate::encodec::PadMode;
 
 /// Runs `f` on the f32 data of a CPU tensor, made contiguous first if needed.
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
     let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else { bail!("kernels: tensor not contiguous") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("kernels: tensor not contiguous")
+    };
     match &*storage {
         Storage::Cpu(s) => Ok(f(&s.as_slice::<f32>()?[start..end])),
         _ => bail!("kernels: CPU tensors only"),
@@ -44,7 +56,9 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// clamped to [-87, 88] (results below 1.7e-38 are returned as e^-87, above as e^88).
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.max(-87.0).min(88.0);
+    // Plain selects (not f32::max/min, whose NaN rules block vectorisation).
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
     // Round x / ln 2 to the nearest integer with the 1.5 * 2^23 trick: the integer also sits in
     // the low mantissa bits of `t`.
     const MAGIC: f32 = 12_582_912.0;
@@ -55,15 +69,16 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n_i + 127) << 23) as u32)
+    // Wrapping ops: dev builds keep overflow checks, whose branches would block vectorisation.
+    y * f32::from_bits((n_i.wrapping_add(127) as u32).wrapping_shl(23))
 }
 
 /// ELU with alpha 1, as PyTorch computes it: `x` if positive, else `exp(x) - 1`.
 #[inline(always)]
 pub(crate) fn elu(x: f32) -> f32 {
-    let e = exp(x.min(0.0)) - 1.0;
+    let e = exp(if x < 0.0 { x } else { 0.0 }) - 1.0;
     if x > 0.0 { x } else { e }
 }
 
@@ -88,51 +103,121 @@ pub(crate) fn elu_inplace(xs: &mut [f32]) {
 // ---------------------------------------------------------------------------------------------
 // Time-major activations
 
-/// One activation: `(batch, time, channels)` contiguous (time-major per batch item).
-#[derive(Debug, Clone)]
+/// One activation: `(batch, time, channels)` contiguous f32 (time-major per batch item), in a
+/// plain `Vec` so that buffers can be recycled (see [`pool_get`]).
+#[derive(Debug)]
 pub(crate) struct Tm {
-    pub(crate) data: Tensor,
+    pub(crate) data: Vec<f32>,
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) c: usize,
 }
 
 impl Tm {
+    pub(crate) fn new(data: Vec<f32>, b: usize, t: usize, c: usize) -> Result<Self> {
+        if data.len() != b * t * c {
+            bail!(
+                "kernels: {} floats for a ({b}, {t}, {c}) activation",
+                data.len()
+            )
+        }
+        Ok(Self { data, b, t, c })
+    }
+
     /// From a `(B, C, T)` tensor.
     pub(crate) fn from_bct(xs: &Tensor) -> Result<Self> {
         let (b, c, t) = xs.dims3()?;
-        let data = if c == 1 { xs.reshape((b, t, c))? } else { xs.transpose(1, 2)?.contiguous()? };
-        Ok(Self { data })
+        let data = if c == 1 {
+            to_vec(xs)?
+        } else {
+            to_vec(&xs.transpose(1, 2)?)?
+        };
+        Self::new(data, b, t, c)
     }
 
     /// To a `(B, C, T)` tensor.
-    pub(crate) fn to_bct(&self) -> Result<Tensor> {
-        let (b, t, c) = self.data.dims3()?;
-        if c == 1 { self.data.reshape((b, c, t)) } else { self.data.transpose(1, 2)?.contiguous() }
-    }
-
-    pub(crate) fn dims(&self) -> Result<(usize, usize, usize)> {
-        self.data.dims3()
-    }
-
-    /// Batch item `i` as a `(T, C)` tensor.
-    pub(crate) fn item(&self, i: usize) -> Result<Tensor> {
-        self.data.get(i)
-    }
-
-    /// Stacks `(T, C)` items.
-    pub(crate) fn from_items(items: Vec<Tensor>) -> Result<Self> {
-        let data = if items.len() == 1 {
-            let it = items.into_iter().next().unwrap_or_else(|| unreachable!());
-            it.unsqueeze(0)?
+    pub(crate) fn to_bct(&self, dev: &candle_core::Device) -> Result<Tensor> {
+        let (b, t, c) = self.dims();
+        if c == 1 {
+            Tensor::from_slice(&self.data, (b, c, t), dev)
         } else {
-            Tensor::stack(&items, 0)?
-        };
-        Ok(Self { data })
+            Tensor::from_slice(&self.data, (b, t, c), dev)?
+                .transpose(1, 2)?
+                .contiguous()
+        }
     }
+
+    pub(crate) fn dims(&self) -> (usize, usize, usize) {
+        (self.b, self.t, self.c)
+    }
+
+    /// Batch item `i` as a `(T, C)` slice.
+    pub(crate) fn item(&self, i: usize) -> &[f32] {
+        &self.data[i * self.t * self.c..(i + 1) * self.t * self.c]
+    }
+
+    /// Hands the buffer back to the pool.
+    pub(crate) fn recycle(self) {
+        pool_put(self.data);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffer pool
+//
+// Writing to freshly mapped memory costs about as much as the conv that fills it (page faults:
+// ~15 ms for 30 MB here), and the allocator returns large blocks to the OS. Activation buffers
+// are therefore recycled through this small pool.
+
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+/// Most floats kept in the pool (256 MiB).
+const POOL_MAX_FLOATS: usize = 1 << 26;
+
+/// An empty vector with room for `n` floats, reusing a pooled buffer when one fits.
+pub(crate) fn pool_get(n: usize) -> Vec<f32> {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // Smallest buffer that fits.
+    let best = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.capacity() >= n)
+        .min_by_key(|(_, v)| v.capacity())
+        .map(|(i, _)| i);
+    match best {
+        Some(i) => {
+            let mut v = pool.swap_remove(i);
+            v.clear();
+            v
+        }
+        None => Vec::with_capacity(n),
+    }
+}
+
+/// Returns a buffer to the pool (dropping the smallest ones beyond the pool's budget).
+pub(crate) fn pool_put(v: Vec<f32>) {
+    if v.capacity() < 1 << 16 {
+        return;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    pool.push(v);
+    pool.sort_by_key(|v| std::cmp::Reverse(v.capacity()));
+    let mut total = 0;
+    pool.retain(|v| {
+        total += v.capacity();
+        total <= POOL_MAX_FLOATS
+    });
 }
 
 /// Source row of padded row `p` for an input of `len` rows padded by `left`/`right`, as the
 /// reference's `_pad1d` (including its zero-extension when reflecting a too-short input).
 /// `None` means a zero row.
-pub(crate) fn pad_source(p: usize, len: usize, left: usize, right: usize, mode: PadMode) -> Option<usize> {
+pub(crate) fn pad_source(
+    p: usize,
+    len: usize,
+    left: usize,
+    right: usize,
+    mode: PadMode,
+) -> Option<usize> {
     if p >= left && p < left + len {
         return Some(p - left);
     }
@@ -154,25 +239,26 @@ pub(crate) fn pad_source(p: usize, len: usize, left: usize, right: usize, mode: 
     }
 }
 
-/// Builds a padded conv input: `left + len + right` rows of width `width`, where columns
-/// `0..c` hold `f(x)` of the (padded) input rows, column `c` is 1.0 if `ones` (the bias column),
-/// and any other columns are left zero for the caller.
-pub(crate) fn pad_rows(
+/// Builds rows `p0 .. p0 + n` of a padded conv input (`left + len + right` rows in all) with
+/// row width `width`: columns `0..c` hold `f(x)` of the padded input row, column `c` is 1.0 if
+/// `ones` (the bias column), any other columns are zero.
+pub(crate) fn pad_rows_range(
     x: &[f32],
     c: usize,
     left: usize,
     right: usize,
     mode: PadMode,
+    p0: usize,
+    n: usize,
     width: usize,
     ones: bool,
     f: impl Fn(f32) -> f32 + Sync,
 ) -> Vec<f32> {
     let len = x.len() / c;
-    let rows = left + len + right;
-    let mut out = vec![0f32; rows * width];
+    let mut out = vec![0f32; n * width];
     let fill = |out: &mut [f32], row0: usize| {
         for (i, row) in out.chunks_exact_mut(width).enumerate() {
-            if let Some(src) = pad_source(row0 + i, len, left, right, mode) {
+            if let Some(src) = pad_source(p0 + row0 + i, len, left, right, mode) {
                 for (o, &v) in row[..c].iter_mut().zip(&x[src * c..src * c + c]) {
                     *o = f(v);
                 }
@@ -184,6 +270,22 @@ pub(crate) fn pad_rows(
     };
     par_rows(&mut out, width, fill);
     out
+}
+
+/// [`pad_rows_range`] over all rows.
+#[cfg(test)]
+pub(crate) fn pad_rows(
+    x: &[f32],
+    c: usize,
+    left: usize,
+    right: usize,
+    mode: PadMode,
+    width: usize,
+    ones: bool,
+    f: impl Fn(f32) -> f32 + Sync,
+) -> Vec<f32> {
+    let rows = left + x.len() / c + right;
+    pad_rows_range(x, c, left, right, mode, 0, rows, width, ones, f)
 }
 
 /// Splits `out` (rows of `width`) in two halves run on two threads when it is large.
@@ -207,6 +309,140 @@ const PAR_MIN: usize = 1 << 16;
 /// Largest number of floats one unfolded view may span (candle computes the unfolded length in
 /// f32, exact below 2^23).
 const UNFOLD_MAX: usize = 1 << 22;
+
+/// Input floats per tile of a tiled conv: small enough that a tile's input, im2col packing and
+/// output stay in cache and that its buffers are recycled by the allocator, large enough for
+/// efficient gemms.
+const TILE_FLOATS: usize = 1 << 19;
+
+/// One conv on a time-major input, tiled over output rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvSpec<'a> {
+    pub(crate) c_in: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
+    pub(crate) left: usize,
+    pub(crate) right: usize,
+    pub(crate) mode: PadMode,
+    /// `(k * (c_in + 1), n_out)` with the bias on the ones column (see [`conv_weight_t`]).
+    pub(crate) wt: &'a Tensor,
+    /// Apply an ELU to the input first.
+    pub(crate) pre_elu: bool,
+}
+
+impl ConvSpec<'_> {
+    fn span(&self) -> usize {
+        (self.k - 1) * self.dilation + 1
+    }
+
+    /// Output rows for an input of `len` rows.
+    pub(crate) fn t_out(&self, len: usize) -> Result<usize> {
+        let rows = self.left + len + self.right;
+        if rows < self.span() {
+            bail!(
+                "conv: padded input of {rows} rows shorter than the kernel span {}",
+                self.span()
+            )
+        }
+        Ok((rows - self.span()) / self.stride + 1)
+    }
+
+    /// Output rows per tile.
+    pub(crate) fn tile_rows(&self) -> usize {
+        (TILE_FLOATS / (self.stride * (self.c_in + 1))).max(64)
+    }
+
+    /// Output rows `t0 .. t0 + n` as a `(n, n_out)` tensor.
+    pub(crate) fn tile(&self, x: &[f32], t0: usize, n: usize) -> Result<Tensor> {
+        let w = self.c_in + 1;
+        let rows = (n - 1) * self.stride + self.span();
+        let prof = crate::profile::scope(crate::profile::Kind::ConvInput);
+        let buf = if self.pre_elu {
+            pad_rows_range(
+                x,
+                self.c_in,
+                self.left,
+                self.right,
+                self.mode,
+                t0 * self.stride,
+                rows,
+                w,
+                true,
+                elu,
+            )
+        } else {
+            pad_rows_range(
+                x,
+                self.c_in,
+                self.left,
+                self.right,
+                self.mode,
+                t0 * self.stride,
+                rows,
+                w,
+                true,
+                |v| v,
+            )
+        };
+        drop(prof);
+        let _t = crate::profile::scope(crate::profile::Kind::ConvGemm);
+        if self.wt.dim(1)? == 1 && self.dilation == 1 {
+            // One output channel: a gemm would be a badly-shaped gemv; do windowed dots.
+            let wcol = to_vec(self.wt)?;
+            let (kw, sw) = (self.k * w, self.stride * w);
+            let mut out = vec![0f32; n];
+            par_rows(&mut out, 1, |o, t0| {
+                for (i, o) in o.iter_mut().enumerate() {
+                    let s = (t0 + i) * sw;
+                    *o = dot(&buf[s..s + kw], &wcol);
+                }
+            });
+            return Tensor::from_vec(out, (n, 1), self.wt.device());
+        }
+        conv_padded(buf, w, self.k, self.stride, self.dilation, self.wt)
+    }
+
+    /// The whole conv of `x` (`len` rows of `c_in`), `(t_out, n_out)` row-major, of which the
+    /// first `skip` and the last `drop` floats are left out; appended to `out`.
+    pub(crate) fn run_into(
+        &self,
+        x: &[f32],
+        skip: usize,
+        drop: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let t_out = self.t_out(x.len() / self.c_in)?;
+        let n_out = self.wt.dim(1)?;
+        let total = t_out * n_out;
+        if skip + drop > total {
+            bail!("conv: cannot trim {skip}+{drop} of {total} outputs")
+        }
+        let tile = self.tile_rows();
+        let mut t0 = 0;
+        while t0 < t_out {
+            let n = tile.min(t_out - t0);
+            // This tile's floats are [t0 * n_out, (t0 + n) * n_out); keep those in [skip, total - drop).
+            let (lo, hi) = (t0 * n_out, (t0 + n) * n_out);
+            let (a, b) = (lo.max(skip), hi.min(total - drop));
+            if a < b {
+                with_f32(&self.tile(x, t0, n)?, |y| {
+                    out.extend_from_slice(&y[a - lo..b - lo])
+                })?;
+            }
+            t0 += n;
+        }
+        Ok(())
+    }
+
+    /// The whole conv of `x`: `(t_out, n_out)` row-major.
+    #[cfg(test)]
+    pub(crate) fn run(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.run_into(x, 0, 0, &mut out)?;
+        Ok(out)
+    }
+}
 
 /// Conv of a padded time-major input `xp` (`rows` × `width`, flat) with `wt`
 /// (`k * width` × `c_out`, row `kk * width + ci`), stride `stride`, dilation `dilation`.
@@ -238,7 +474,7 @@ pub(crate) fn conv_padded(
         return Tensor::from_vec(col, (t_out, k * width), dev)?.matmul(wt);
     }
     let xp = Tensor::from_vec(xp, rows * width, dev)?;
-    // Output rows per tile so that each unfolded view stays below UNFOLD_MAX floats.
+    // Output rows per gemm so that each unfolded view stays below UNFOLD_MAX floats.
     let per_tile = ((UNFOLD_MAX - k * width) / (stride * width)).max(1);
     let mut tiles = Vec::new();
     let mut t0 = 0;
@@ -252,7 +488,11 @@ pub(crate) fn conv_padded(
         tiles.push(view.matmul(wt)?);
         t0 += n;
     }
-    if tiles.len() == 1 { Ok(tiles.pop().unwrap_or_else(|| unreachable!())) } else { Tensor::cat(&tiles, 0) }
+    if tiles.len() == 1 {
+        Ok(tiles.pop().unwrap_or_else(|| unreachable!()))
+    } else {
+        Tensor::cat(&tiles, 0)
+    }
 }
 
 /// Rearranges a conv weight `(c_out, c_in, k)` into the gemm operand `(k * width, c_out)` for
@@ -280,64 +520,44 @@ pub(crate) fn conv_weight_t(w: &Tensor, bias: Option<&Tensor>, width: usize) -> 
     Tensor::from_vec(out, (k * width, c_out), w.device())
 }
 
-/// Rearranges a transposed-conv weight `(c_in, c_out, k)` into `(c_in, k * c_out)`, column
-/// `kk * c_out + co`.
-pub(crate) fn conv_tr_weight_t(w: &Tensor) -> Result<Tensor> {
+/// A transposed conv as a plain conv. With `m = ceil(k / stride)`, output block `t` (the
+/// `stride` output rows `t * stride ..`) of a transposed conv is
+/// `sum_j x[t - j] · W[:, :, j * stride .. (j + 1) * stride]`: a stride-1 conv with `m` taps and
+/// `stride * c_out` output channels over the input zero-padded by `m - 1` rows on both sides,
+/// whose `(rows, stride * c_out)` output read as `(rows * stride, c_out)` is the full transposed
+/// conv output (plus `m * stride - k` trailing rows). No overlap-add is needed.
+///
+/// Returns the gemm operand `(m * (c_in + 1), stride * c_out)` for [`ConvSpec`] (bias on the
+/// ones column of tap 0) and `m`.
+pub(crate) fn conv_tr_as_conv_weight(
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+) -> Result<(Tensor, usize)> {
     let (c_in, c_out, k) = w.dims3()?;
+    let m = k.div_ceil(stride);
     let wv = to_vec(w)?;
-    let mut out = vec![0f32; c_in * k * c_out];
-    for ci in 0..c_in {
-        for co in 0..c_out {
-            for kk in 0..k {
-                out[ci * k * c_out + kk * c_out + co] = wv[(ci * c_out + co) * k + kk];
+    let bv = to_vec(bias)?;
+    let (width, n_out) = (c_in + 1, stride * c_out);
+    let mut out = vec![0f32; m * width * n_out];
+    for tap in 0..m {
+        for ci in 0..c_in {
+            for j in 0..stride {
+                let kk = (m - 1 - tap) * stride + j;
+                if kk >= k {
+                    continue;
+                }
+                for co in 0..c_out {
+                    out[(tap * width + ci) * n_out + j * c_out + co] =
+                        wv[(ci * c_out + co) * k + kk];
+                }
             }
         }
     }
-    Tensor::from_vec(out, (c_in, k * c_out), w.device())
-}
-
-/// Transposed conv of a time-major `(t, c_in)` input: `x · wt` then overlap-add of the
-/// `(t, k, c_out)` columns at stride `stride`, keeping output rows `[trim_left, full - trim_right)`
-/// of the full `(t - 1) * stride + k`, plus `bias`. Returns `(rows, c_out)`.
-pub(crate) fn conv_tr(
-    x: &Tensor,
-    wt: &Tensor,
-    bias: &[f32],
-    k: usize,
-    stride: usize,
-    trim_left: usize,
-    trim_right: usize,
-) -> Result<Tensor> {
-    let (t, _c_in) = x.dims2()?;
-    let c_out = bias.len();
-    let full = (t - 1) * stride + k;
-    if trim_left + trim_right > full {
-        bail!("conv_tr: trims {trim_left}+{trim_right} exceed the output length {full}")
+    for j in 0..stride {
+        out[c_in * n_out + j * c_out..c_in * n_out + (j + 1) * c_out].copy_from_slice(&bv);
     }
-    let rows = full - trim_left - trim_right;
-    let col = x.matmul(wt)?;
-    let mut out = vec![0f32; rows * c_out];
-    with_f32(&col, |col| {
-        par_rows(&mut out, c_out, |out, row0| {
-            for (i, o) in out.chunks_exact_mut(c_out).enumerate() {
-                o.copy_from_slice(bias);
-                // Full-output row r receives tap kk of input row (r - kk) / stride.
-                let r = row0 + i + trim_left;
-                let mut kk = r % stride;
-                while kk < k && kk <= r {
-                    let ti = (r - kk) / stride;
-                    if ti < t {
-                        let src = &col[(ti * k + kk) * c_out..(ti * k + kk + 1) * c_out];
-                        for (o, &v) in o.iter_mut().zip(src) {
-                            *o += v;
-                        }
-                    }
-                    kk += stride;
-                }
-            }
-        });
-    })?;
-    Tensor::from_vec(out, (rows, c_out), x.device())
+    Ok((Tensor::from_vec(out, (m * width, n_out), w.device())?, m))
 }
 
 /// `GroupNorm(1, C)` of one `(t, c)` item, in place: statistics over all elements (accumulated
@@ -356,6 +576,182 @@ pub(crate) fn group_norm1(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f64)
     }
 }
 
+/// Index of the first maximum of `xs` (NaN-free input), vectorised: lane-wise maxima first,
+/// then the first position holding the maximum.
+pub(crate) fn argmax(xs: &[f32]) -> usize {
+    let n = xs.len() / 8 * 8;
+    let mut acc = [f32::NEG_INFINITY; 8];
+    for c in xs[..n].chunks_exact(8) {
+        for j in 0..8 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(&xs[n..]) {
+        if v > m {
+            m = v;
+        }
+    }
+    xs.iter().position(|&v| v == m).unwrap_or(0)
+}
+
+/// Dot product with 16 independent accumulators (auto-vectorised).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len()) / 16 * 16;
+    let mut acc = [0f32; 16];
+    for (x, y) in a[..n].chunks_exact(16).zip(b[..n].chunks_exact(16)) {
+        for j in 0..16 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let tail: f32 = a[n..].iter().zip(&b[n..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A barrier for two threads that spins briefly, then yields: the LSTM syncs once per time
+/// step (~10 µs of work), far too often for a sleeping barrier.
+struct SpinBarrier {
+    count: AtomicUsize,
+    generation: AtomicUsize,
+    n: usize,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        Self {
+            count: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            n,
+        }
+    }
+
+    fn wait(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.count.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+        } else {
+            let mut spins = 0u32;
+            while self.generation.load(Ordering::Acquire) == generation {
+                if spins < 2_000 {
+                    spins += 1;
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+/// One LSTM time step for the hidden units `units` (a range of `0..h`): gates from `proj`
+/// (`4h`) plus `w_rows · h_prev` (`w_rows`: the `4 * units.len()` rows of `W_hh` for these
+/// units, gate-major), then the cell update. Writes the new `h` of these units to `h_new`.
+fn lstm_units(
+    proj: &[f32],
+    w_rows: &[f32],
+    h_prev: &[f32],
+    c: &mut [f32],
+    h_new: &mut [f32],
+    u0: usize,
+) {
+    let (h, n) = (h_prev.len(), c.len());
+    let gate = |g: usize, u: usize| {
+        proj[g * h + u0 + u] + dot(&w_rows[(g * n + u) * h..(g * n + u + 1) * h], h_prev)
+    };
+    for u in 0..n {
+        let i = sigmoid(gate(0, u));
+        let f = sigmoid(gate(1, u));
+        let g = tanh(gate(2, u));
+        let o = sigmoid(gate(3, u));
+        c[u] = f * c[u] + i * g;
+        h_new[u] = o * tanh(c[u]);
+    }
+}
+
+/// Rows of `W_hh` (`(4h, h)`, gate-major) for units `u0..u1`, gate-major.
+pub(crate) fn lstm_rows(w_hh: &[f32], h: usize, u0: usize, u1: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(4 * (u1 - u0) * h);
+    for g in 0..4 {
+        out.extend_from_slice(&w_hh[(g * h + u0) * h..(g * h + u1) * h]);
+    }
+    out
+}
+
+/// LSTM recurrence over one sequence. `proj`: `(t, 4h)` input projections plus biases, gate
+/// order (i, f, g, o); `halves`: the `W_hh` rows of units `0..h/2` and `h/2..h` (see
+/// [`lstm_rows`]). Updates `hs` and `cs` (`h` each) and writes every step's `h` to `out`
+/// (`(t, h)`). With two threads, each computes half of the units (its half of `W_hh` stays in
+/// its core's cache) and they swap `h` through atomics once per step.
+pub(crate) fn lstm_recurrence(
+    proj: &[f32],
+    halves: &[Vec<f32>; 2],
+    hs: &mut [f32],
+    cs: &mut [f32],
+    out: &mut [f32],
+) {
+    let h = hs.len();
+    let mid = h / 2;
+    let steps = out.len() / h.max(1);
+    if steps == 0 {
+        return;
+    }
+    if candle_core::utils::get_num_threads() < 2 || steps < 16 {
+        let mut h_new = vec![0f32; h];
+        for (p, o) in proj.chunks_exact(4 * h).zip(out.chunks_exact_mut(h)) {
+            let (c0, c1) = cs.split_at_mut(mid);
+            let (n0, n1) = h_new.split_at_mut(mid);
+            lstm_units(p, &halves[0], hs, c0, n0, 0);
+            lstm_units(p, &halves[1], hs, c1, n1, mid);
+            hs.copy_from_slice(&h_new);
+            o.copy_from_slice(hs);
+        }
+        return;
+    }
+    // h of the current step, shared as f32 bits.
+    let shared: Vec<AtomicU32> = hs.iter().map(|v| AtomicU32::new(v.to_bits())).collect();
+    let barrier = SpinBarrier::new(2);
+    let (c0, c1) = cs.split_at_mut(mid);
+    let worker = |half: usize, c: &mut [f32], mut out: Option<&mut [f32]>| {
+        let (u0, u1) = if half == 0 { (0, mid) } else { (mid, h) };
+        let mut h_prev = vec![0f32; h];
+        let mut h_new = vec![0f32; u1 - u0];
+        for step in 0..steps {
+            for (d, s) in h_prev.iter_mut().zip(&shared) {
+                *d = f32::from_bits(s.load(Ordering::Relaxed));
+            }
+            if let Some(out) = out.as_deref_mut()
+                && step > 0
+            {
+                out[(step - 1) * h..step * h].copy_from_slice(&h_prev);
+            }
+            // Everyone has read h(step - 1) before anyone overwrites it.
+            barrier.wait();
+            lstm_units(
+                &proj[step * 4 * h..(step + 1) * 4 * h],
+                &halves[half],
+                &h_prev,
+                c,
+                &mut h_new,
+                u0,
+            );
+            for (s, v) in shared[u0..u1].iter().zip(&h_new) {
+                s.store(v.to_bits(), Ordering::Relaxed);
+            }
+            barrier.wait();
+        }
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| worker(1, c1, None));
+        worker(0, c0, Some(out));
+    });
+    for (d, s) in hs.iter_mut().zip(&shared) {
+        *d = f32::from_bits(s.load(Ordering::Relaxed));
+    }
+    out[(steps - 1) * h..].copy_from_slice(hs);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,10 +760,14 @@ mod tests {
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         // Small deterministic LCG so the tests need no RNG crate.
         let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect();
@@ -376,7 +776,16 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -384,21 +793,44 @@ mod tests {
         for i in -20000..=20000 {
             let x = i as f32 * 0.005;
             let e = x.exp();
-            assert!((exp(x) - e).abs() <= 2.5e-7 * e, "exp({x}) = {} vs {e}", exp(x));
+            if (-87.0..=88.0).contains(&x) {
+                assert!(
+                    (exp(x) - e).abs() <= 2.5e-7 * e,
+                    "exp({x}) = {} vs {e}",
+                    exp(x)
+                );
+            }
             let el = if x > 0.0 { x } else { x.exp() - 1.0 };
             assert!((elu(x) - el).abs() <= 2e-7 * el.abs().max(1.0), "elu({x})");
-            assert!((sigmoid(x) - 1.0 / (1.0 + (-x).exp())).abs() <= 2e-7, "sigmoid({x})");
+            assert!(
+                (sigmoid(x) - 1.0 / (1.0 + (-x).exp())).abs() <= 2e-7,
+                "sigmoid({x})"
+            );
             assert!((tanh(x) - x.tanh()).abs() <= 3e-7, "tanh({x})");
         }
-        assert_eq!(exp(-1000.0), (-87.0f32).exp().max(exp(-87.0)));
+        assert_eq!(exp(-1000.0), exp(-87.0));
         assert!(elu(-1000.0) == -1.0);
         assert!(exp(1000.0).is_finite());
     }
 
     /// Reference conv on (C, T) layout with candle, zero padding `pad` on both sides.
-    fn ref_conv(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, stride: usize, dil: usize) -> Tensor {
-        let y = x.unsqueeze(0).unwrap().conv1d(w, pad, stride, dil, 1).unwrap();
-        y.broadcast_add(&b.reshape((1, (), 1)).unwrap()).unwrap().squeeze(0).unwrap()
+    fn ref_conv(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        pad: usize,
+        stride: usize,
+        dil: usize,
+    ) -> Tensor {
+        let y = x
+            .unsqueeze(0)
+            .unwrap()
+            .conv1d(w, pad, stride, dil, 1)
+            .unwrap();
+        y.broadcast_add(&b.reshape((1, (), 1)).unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
     }
 
     #[test]
@@ -419,7 +851,16 @@ mod tests {
             let xt = to_vec(&x.t()?)?;
             for with_ones in [false, true] {
                 let width = c_in + with_ones as usize + 1; // one spare zero column too
-                let xp = pad_rows(&xt, c_in, pad, pad, PadMode::Constant, width, with_ones, |v| v);
+                let xp = pad_rows(
+                    &xt,
+                    c_in,
+                    pad,
+                    pad,
+                    PadMode::Constant,
+                    width,
+                    with_ones,
+                    |v| v,
+                );
                 let wt = conv_weight_t(&w, with_ones.then_some(&b), width)?;
                 let mut got = conv_padded(xp, width, k, stride, dil, &wt)?;
                 if !with_ones {
@@ -440,7 +881,16 @@ mod tests {
         let w = rand(&[c_out, c_in, k], 5);
         let b = Tensor::zeros(c_out, candle_core::DType::F32, &Device::Cpu)?;
         let want = ref_conv(&x, &w, &b, 0, 1, 1);
-        let xp = pad_rows(&to_vec(&x.t()?)?, c_in, 0, 0, PadMode::Constant, c_in, false, |v| v);
+        let xp = pad_rows(
+            &to_vec(&x.t()?)?,
+            c_in,
+            0,
+            0,
+            PadMode::Constant,
+            c_in,
+            false,
+            |v| v,
+        );
         let got = conv_padded(xp, c_in, k, 1, 1, &conv_weight_t(&w, None, c_in)?)?;
         assert!(max_diff(&got.t()?, &want) < 1e-5);
         Ok(())
@@ -448,19 +898,90 @@ mod tests {
 
     #[test]
     fn conv_tr_matches_candle() -> Result<()> {
-        for &(c_in, c_out, k, stride, tl, tr, len) in
-            &[(4, 3, 4, 2, 0, 2, 20), (6, 2, 16, 8, 3, 5, 9), (3, 5, 10, 5, 0, 0, 1), (2, 2, 3, 1, 1, 1, 12), (3, 2, 2, 3, 0, 0, 7)]
-        {
+        for &(c_in, c_out, k, stride, tl, tr, len) in &[
+            (4, 3, 4, 2, 0, 2, 20),
+            (6, 2, 16, 8, 3, 5, 9),
+            (3, 5, 10, 5, 0, 0, 1),
+            (2, 2, 3, 1, 1, 1, 12),
+            (3, 2, 2, 3, 0, 0, 7),
+            (3, 4, 7, 3, 2, 2, 11),
+        ] {
             let x = rand(&[c_in, len], 6);
             let w = rand(&[c_in, c_out, k], 7);
             let b = rand(&[c_out], 8);
-            let full = x.unsqueeze(0)?.conv_transpose1d(&w, 0, 0, stride, 1, 1)?;
-            let full = full.broadcast_add(&b.reshape((1, (), 1))?)?.squeeze(0)?;
-            let n = full.dim(D::Minus1)?;
-            let want = full.narrow(D::Minus1, tl, n - tl - tr)?;
-            let got = conv_tr(&x.t()?.contiguous()?, &conv_tr_weight_t(&w)?, &to_vec(&b)?, k, stride, tl, tr)?;
-            let d = max_diff(&got.t()?, &want);
-            assert!(d < 1e-5, "convtr {c_in}->{c_out} k{k} s{stride}: {d}");
+            let (wt, m) = conv_tr_as_conv_weight(&w, &b, stride)?;
+            for pre_elu in [false, true] {
+                let xi = if pre_elu { x.elu(1.0)? } else { x.clone() };
+                let full = xi.unsqueeze(0)?.conv_transpose1d(&w, 0, 0, stride, 1, 1)?;
+                let full = full.broadcast_add(&b.reshape((1, (), 1))?)?.squeeze(0)?;
+                let n = full.dim(D::Minus1)?;
+                let want = full.narrow(D::Minus1, tl, n - tl - tr)?;
+                let spec = ConvSpec {
+                    c_in,
+                    k: m,
+                    stride: 1,
+                    dilation: 1,
+                    left: m - 1,
+                    right: m - 1,
+                    mode: PadMode::Constant,
+                    wt: &wt,
+                    pre_elu,
+                };
+                let got = spec.run(&to_vec(&x.t()?)?)?;
+                let got = Tensor::from_vec(got.clone(), (got.len() / c_out, c_out), &Device::Cpu)?;
+                let got = got.narrow(0, tl, n - tl - tr)?;
+                let d = max_diff(&got.t()?, &want);
+                assert!(
+                    d < 1e-5,
+                    "convtr {c_in}->{c_out} k{k} s{stride} elu {pre_elu}: {d}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn tiled_conv_matches_candle() -> Result<()> {
+        // Long enough for several tiles; reflect padding at both ends; with and without ELU.
+        for &(c_in, c_out, k, stride, dil, len) in &[
+            (3, 4, 7, 1, 1, 100_000),
+            (5, 6, 4, 2, 1, 70_001),
+            (4, 1, 7, 1, 1, 50_000),
+            (2, 3, 3, 1, 2, 40_000),
+        ] {
+            let x = rand(&[c_in, len], 9);
+            let w = rand(&[c_out, c_in, k], 10);
+            let b = rand(&[c_out], 11);
+            let span = (k - 1) * dil + 1;
+            let (left, right) = (span - stride, 3);
+            for pre_elu in [false, true] {
+                let xi = if pre_elu { x.elu(1.0)? } else { x.clone() };
+                // Reference: reflect-pad with candle index ops, then candle's conv1d.
+                let idx: Vec<u32> = (0..left + len + right)
+                    .map(|p| pad_source(p, len, left, right, PadMode::Reflect).unwrap_or(0) as u32)
+                    .collect();
+                let xp = xi.index_select(&Tensor::new(idx, &Device::Cpu)?, 1)?;
+                let want = ref_conv(&xp, &w, &b, 0, stride, dil);
+                let wt = conv_weight_t(&w, Some(&b), c_in + 1)?;
+                let spec = ConvSpec {
+                    c_in,
+                    k,
+                    stride,
+                    dilation: dil,
+                    left,
+                    right,
+                    mode: PadMode::Reflect,
+                    wt: &wt,
+                    pre_elu,
+                };
+                let got = spec.run(&to_vec(&x.t()?)?)?;
+                let got = Tensor::from_vec(got, (want.dim(1)?, c_out), &Device::Cpu)?;
+                let d = max_diff(&got.t()?, &want);
+                assert!(
+                    d < 1e-5,
+                    "tiled conv {c_in}->{c_out} k{k} s{stride} d{dil} elu {pre_elu}: {d}"
+                );
+            }
         }
         Ok(())
     }
@@ -469,16 +990,28 @@ mod tests {
     fn pad_modes_match_reference_rules() {
         let x: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0];
         let rows = |left, right, mode| pad_rows(&x, 1, left, right, mode, 1, false, |v| v);
-        assert_eq!(rows(2, 3, PadMode::Reflect), vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0]);
-        assert_eq!(rows(1, 2, PadMode::Replicate), vec![1.0, 1.0, 2.0, 3.0, 4.0, 4.0, 4.0]);
-        assert_eq!(rows(1, 1, PadMode::Constant), vec![0.0, 1.0, 2.0, 3.0, 4.0, 0.0]);
+        assert_eq!(
+            rows(2, 3, PadMode::Reflect),
+            vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0]
+        );
+        assert_eq!(
+            rows(1, 2, PadMode::Replicate),
+            vec![1.0, 1.0, 2.0, 3.0, 4.0, 4.0, 4.0]
+        );
+        assert_eq!(
+            rows(1, 1, PadMode::Constant),
+            vec![0.0, 1.0, 2.0, 3.0, 4.0, 0.0]
+        );
         // Reflect with a pad not shorter than the input: zero-extend first (torch's _pad1d).
         // [1,2,3,4] + 3 zeros, reflect left 6: ext = [1,2,3,4,0,0,0] → 0,0,0,4,3,2 | 1..4.
         assert_eq!(
             rows(6, 0, PadMode::Reflect),
             vec![0.0, 0.0, 0.0, 4.0, 3.0, 2.0, 1.0, 2.0, 3.0, 4.0]
         );
-        assert_eq!(rows(0, 5, PadMode::Reflect), vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 4.0, 3.0]);
+        assert_eq!(
+            rows(0, 5, PadMode::Reflect),
+            vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 4.0, 3.0]
+        );
     }
 
     #[test]
@@ -490,7 +1023,9 @@ mod tests {
         let want: Vec<f32> = x
             .iter()
             .enumerate()
-            .map(|(i, v)| (v - mean) / (var + 1e-5).sqrt() * [1.0, 2.0, 0.5][i % 3] + [0.0, 1.0, -1.0][i % 3])
+            .map(|(i, v)| {
+                (v - mean) / (var + 1e-5).sqrt() * [1.0, 2.0, 0.5][i % 3] + [0.0, 1.0, -1.0][i % 3]
+            })
             .collect();
         group_norm1(&mut x, &[1.0, 2.0, 0.5], &[0.0, 1.0, -1.0], 1e-5);
         for (a, b) in x.iter().zip(&want) {

@@ -1,8 +1,9 @@
 //! Opt-in wall-clock breakdown of EnCodec by layer type, for benchmarks.
 //!
 //! Off by default (one relaxed atomic load per layer). [`enable`] turns it on process-wide;
-//! [`take`] returns and clears the accumulated times. Categories are exclusive of each other
-//! except `resblock`, which includes the convs inside residual blocks.
+//! [`take`] returns and clears the accumulated times. The first seven categories are exclusive of
+//! each other; the parenthesised ones are parts of them (conv input building and conv gemms
+//! across conv, convtr and resblock; the LSTM recurrence within lstm).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -24,9 +25,15 @@ pub enum Kind {
     Quantizer,
     /// Layout conversions between `(B, C, T)` tensors and the time-major kernels.
     Layout,
+    /// Inside the above: building conv inputs (padding, ELU, bias column).
+    ConvInput,
+    /// Inside the above: the conv gemms.
+    ConvGemm,
+    /// Inside the above: the LSTM recurrence.
+    LstmStep,
 }
 
-const KINDS: [(Kind, &str); 7] = [
+const KINDS: [(Kind, &str); 10] = [
     (Kind::Conv, "conv"),
     (Kind::ConvTr, "convtr"),
     (Kind::ResBlock, "resblock"),
@@ -34,10 +41,13 @@ const KINDS: [(Kind, &str); 7] = [
     (Kind::Lstm, "lstm"),
     (Kind::Quantizer, "quantizer"),
     (Kind::Layout, "layout"),
+    (Kind::ConvInput, "(of which conv input)"),
+    (Kind::ConvGemm, "(conv gemm)"),
+    (Kind::LstmStep, "(lstm recurrence)"),
 ];
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static NANOS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
 
 /// Turns timing on or off for the whole process.
 pub fn enable(on: bool) {
@@ -55,7 +65,10 @@ pub fn take() -> Vec<(&'static str, f64)> {
 
 /// Times the guard's lifetime under `kind` when profiling is on.
 pub(crate) fn scope(kind: Kind) -> Option<Guard> {
-    ENABLED.load(Ordering::Relaxed).then(|| Guard { kind, start: Instant::now() })
+    ENABLED.load(Ordering::Relaxed).then(|| Guard {
+        kind,
+        start: Instant::now(),
+    })
 }
 
 pub(crate) struct Guard {

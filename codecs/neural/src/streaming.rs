@@ -55,7 +55,15 @@ struct WindowedStack {
 
 impl WindowedStack {
     fn new(scale: usize, left: usize, right: usize) -> Self {
-        Self { scale, buf: None, buf_start: 0, received: 0, done: 0, left, right }
+        Self {
+            scale,
+            buf: None,
+            buf_start: 0,
+            received: 0,
+            done: 0,
+            left,
+            right,
+        }
     }
 
     fn push(&mut self, xs: &Tensor) -> Result<()> {
@@ -78,16 +86,25 @@ impl WindowedStack {
         if ready <= self.done {
             return Ok(None);
         }
-        let Some(buf) = &self.buf else { return Ok(None) };
+        let Some(buf) = &self.buf else {
+            return Ok(None);
+        };
         let win_start = self.done.saturating_sub(self.left).max(self.buf_start);
-        let win_end = if last { self.received } else { (ready + self.right).min(self.received) };
+        let win_end = if last {
+            self.received
+        } else {
+            (ready + self.right).min(self.received)
+        };
         let window = buf.narrow(D::Minus1, win_start - self.buf_start, win_end - win_start)?;
         let ys = run(layers, &window)?;
         let from = (self.done - win_start) * self.scale;
         let len = (ready - self.done) * self.scale;
         let avail = ys.dim(D::Minus1)?;
         if from + len > avail {
-            bail!("streaming window produced {avail} samples, needed {}", from + len)
+            bail!(
+                "streaming window produced {avail} samples, needed {}",
+                from + len
+            )
         }
         let out = ys.narrow(D::Minus1, from, len)?;
         self.done = ready;
@@ -151,9 +168,17 @@ impl StreamDecoder {
                  decode whole chunks"
             )
         }
-        let stream =
-            SeanetStream::new(&model.decoder, cfg.hop_length(), cfg.use_causal_conv, model.device())?;
-        Ok(Self { stream, samples_out: 0, finished: false })
+        let stream = SeanetStream::new(
+            &model.decoder,
+            cfg.hop_length(),
+            cfg.use_causal_conv,
+            model.device(),
+        )?;
+        Ok(Self {
+            stream,
+            samples_out: 0,
+            finished: false,
+        })
     }
 
     /// Feeds `(n_q, frames)` codes; returns `(channels, samples)` audio that is now final
@@ -177,7 +202,9 @@ impl StreamDecoder {
             bail!("stream decoder already finished")
         }
         if let Some(c) = codes {
-            let emb = model.quantizer.decode(&c.to_dtype(DType::U32)?.unsqueeze(0)?)?;
+            let emb = model
+                .quantizer
+                .decode(&c.to_dtype(DType::U32)?.unsqueeze(0)?)?;
             self.stream.pre.push(&emb)?;
         }
         let mid = self.stream.pre.step(&model.decoder.pre, last)?;
@@ -189,7 +216,11 @@ impl StreamDecoder {
                 self.samples_out += o.dim(1)?;
                 Ok(o)
             }
-            None => Tensor::zeros((model.config().audio_channels, 0), DType::F32, model.device()),
+            None => Tensor::zeros(
+                (model.config().audio_channels, 0),
+                DType::F32,
+                model.device(),
+            ),
         }
     }
 }
@@ -214,7 +245,11 @@ impl StreamEncoder {
         // `pre` consumes samples and emits frames; it is driven by `pre_step_frames`, which
         // counts its buffer in samples and its progress in frames.
         let stream = SeanetStream::new(&model.encoder, 1, cfg.use_causal_conv, model.device())?;
-        Ok(Self { stream, n_q, finished: false })
+        Ok(Self {
+            stream,
+            n_q,
+            finished: false,
+        })
     }
 
     /// Feeds `(channels, samples)` audio; returns `(n_q, frames)` u32 codes now final.
@@ -237,7 +272,11 @@ impl StreamEncoder {
         }
         // The pre stack maps `hop` samples to one frame: emit only whole frames until the end.
         let pre = &mut self.stream.pre;
-        let received_frames = if last { pre.received.div_ceil(hop) } else { pre.received / hop };
+        let received_frames = if last {
+            pre.received.div_ceil(hop)
+        } else {
+            pre.received / hop
+        };
         let mid = pre_step_frames(pre, &model.encoder.pre, hop, received_frames, last)?;
         let emb = self.stream.advance(&model.encoder, mid, last)?;
         self.finished = last;
@@ -267,14 +306,21 @@ fn pre_step_frames(
     let left = LEFT_MARGIN;
     let win_start_f = st.done.saturating_sub(left).max(st.buf_start / hop);
     let win_start = win_start_f * hop;
-    let win_end = if last { st.received } else { ((ready + st.right) * hop).min(st.received) };
+    let win_end = if last {
+        st.received
+    } else {
+        ((ready + st.right) * hop).min(st.received)
+    };
     let window = buf.narrow(D::Minus1, win_start - st.buf_start, win_end - win_start)?;
     let ys = run(layers, &window)?;
     let from = st.done - win_start_f;
     let len = ready - st.done;
     let avail = ys.dim(D::Minus1)?;
     if from + len > avail {
-        bail!("streaming encoder window produced {avail} frames, needed {}", from + len)
+        bail!(
+            "streaming encoder window produced {avail} frames, needed {}",
+            from + len
+        )
     }
     let out = ys.narrow(D::Minus1, from, len)?;
     st.done = ready;

@@ -10,7 +10,9 @@ use cadenza_codecs::{Encodec, StreamDecoder, StreamEncoder};
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/encodec").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/encodec")
+        .join(name)
 }
 
 fn load(name: &str, io: &str) -> Result<(Encodec, HashMap<String, Tensor>)> {
@@ -21,8 +23,10 @@ fn load(name: &str, io: &str) -> Result<(Encodec, HashMap<String, Tensor>)> {
 }
 
 fn bandwidths(io: &HashMap<String, Tensor>) -> Vec<String> {
-    let mut bws: Vec<String> =
-        io.keys().filter_map(|k| k.strip_prefix("codes.").map(str::to_string)).collect();
+    let mut bws: Vec<String> = io
+        .keys()
+        .filter_map(|k| k.strip_prefix("codes.").map(str::to_string))
+        .collect();
     bws.sort();
     bws
 }
@@ -32,11 +36,21 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-fn scales_of(io: &HashMap<String, Tensor>, bw: &str, normalize: bool) -> Result<Vec<Option<Tensor>>> {
+fn scales_of(
+    io: &HashMap<String, Tensor>,
+    bw: &str,
+    normalize: bool,
+) -> Result<Vec<Option<Tensor>>> {
     let s = &io[&format!("scales.{bw}")];
     let n = s.dim(0)?;
     (0..n)
-        .map(|i| if normalize { Ok(Some(s.narrow(0, i, 1)?)) } else { Ok(None) })
+        .map(|i| {
+            if normalize {
+                Ok(Some(s.narrow(0, i, 1)?))
+            } else {
+                Ok(None)
+            }
+        })
         .collect()
 }
 
@@ -51,15 +65,29 @@ fn check_fixture(name: &str, io_file: &str) -> Result<()> {
         let want = io[&format!("codes.{bw}")].to_dtype(DType::U32)?;
         let got = model.encode(input, Some(bw_f))?;
         assert_eq!(got.codes.dims(), want.dims(), "{name} bw {bw}: code shape");
-        let same = got.codes.eq(&want)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-        assert_eq!(same, 1.0, "{name} bw {bw}: codes differ (fraction equal {same})");
+        let same = got
+            .codes
+            .eq(&want)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(
+            same, 1.0,
+            "{name} bw {bw}: codes differ (fraction equal {same})"
+        );
         let pad = io[&format!("last_frame_pad_length.{bw}")].to_vec1::<i64>()?[0] as usize;
-        assert_eq!(got.last_frame_pad_length, pad, "{name} bw {bw}: last_frame_pad_length");
+        assert_eq!(
+            got.last_frame_pad_length, pad,
+            "{name} bw {bw}: last_frame_pad_length"
+        );
         if normalize {
             let want_s = io[&format!("scales.{bw}")].to_vec1::<f32>()?;
             for (i, s) in got.scales.iter().enumerate() {
                 let s = s.as_ref().context("scale")?.to_vec1::<f32>()?[0];
-                assert!((s - want_s[i]).abs() <= 1e-5 * want_s[i].abs().max(1.0), "{name} scale {i}");
+                assert!(
+                    (s - want_s[i]).abs() <= 1e-5 * want_s[i].abs().max(1.0),
+                    "{name} scale {i}"
+                );
             }
         }
 
@@ -104,7 +132,9 @@ fn check_stream_decode(name: &str) -> Result<()> {
     let (model, io) = load(name, "io.safetensors")?;
     let bw = bandwidths(&io).pop().context("no bandwidth")?;
     let codes = io[&format!("codes.{bw}")].to_dtype(DType::U32)?.i((0, 0))?; // (n_q, T)
-    let full = model.decode(&codes.unsqueeze(0)?.unsqueeze(0)?, &[None], 0)?.i(0)?;
+    let full = model
+        .decode(&codes.unsqueeze(0)?.unsqueeze(0)?, &[None], 0)?
+        .i(0)?;
     let frames = codes.dim(1)?;
     for chunking in [vec![1usize], vec![3, 7, 1, 12], vec![25]] {
         let mut dec = StreamDecoder::new(&model)?;
@@ -119,7 +149,10 @@ fn check_stream_decode(name: &str) -> Result<()> {
         parts.push(dec.finish(&model)?);
         let streamed = Tensor::cat(&parts, 1)?;
         let d = max_abs_diff(&streamed, &full)?;
-        assert!(d <= 1e-4, "{name} chunking {chunking:?}: stream decode max abs diff {d}");
+        assert!(
+            d <= 1e-4,
+            "{name} chunking {chunking:?}: stream decode max abs diff {d}"
+        );
         if model.config().use_causal_conv {
             // A causal model has no look-ahead once started: after pushing frame t, audio up to
             // t is out (the first window waits for 8 frames, see `streaming.rs`).
@@ -162,8 +195,15 @@ fn check_stream_encode(name: &str) -> Result<()> {
             parts.push(enc.finish(&model)?);
             let got = Tensor::cat(&parts, 1)?;
             assert_eq!(got.dims(), want.dims(), "{name} chunk {chunk}");
-            let same = got.eq(&want)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
-            assert_eq!(same, 1.0, "{name} bw {bw} chunk {chunk}: streamed codes differ ({same})");
+            let same = got
+                .eq(&want)?
+                .to_dtype(DType::F32)?
+                .mean_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(
+                same, 1.0,
+                "{name} bw {bw} chunk {chunk}: streamed codes differ ({same})"
+            );
         }
     }
     Ok(())
@@ -182,7 +222,10 @@ fn noncausal32_stream_encode_equals_encode() -> Result<()> {
 #[test]
 fn bad_bandwidth_and_channels_are_errors() -> Result<()> {
     let (model, io) = load("causal24", "io.safetensors")?;
-    let err = model.encode(&io["input"], Some(7.0)).unwrap_err().to_string();
+    let err = model
+        .encode(&io["input"], Some(7.0))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not supported"), "{err}");
     let stereo = Tensor::zeros((1, 2, 1000), DType::F32, &Device::Cpu)?;
     assert!(model.encode(&stereo, None).is_err());

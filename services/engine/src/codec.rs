@@ -11,6 +11,12 @@ use candle_core::{DType, Device, Tensor};
 use tokio::sync::mpsc;
 
 use crate::error::EngineError;
+
+/// Where a task sends its events, and where its terminal error goes.
+pub(crate) type Output = (
+    mpsc::Sender<Result<CodecEvent, EngineError>>,
+    crate::TerminalSlot,
+);
 use crate::registry::CodecModel;
 use crate::worker::{Step, Task};
 
@@ -47,23 +53,42 @@ pub struct Codes {
 
 impl Codes {
     fn to_tensor(&self) -> Result<Tensor, EngineError> {
-        Ok(Tensor::from_vec(self.codes.clone(), (self.num_codebooks, self.frames), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            self.codes.clone(),
+            (self.num_codebooks, self.frames),
+            &Device::Cpu,
+        )?)
     }
 
     fn from_tensor(t: &Tensor) -> Result<Self, EngineError> {
         let (q, f) = t.dims2()?;
-        Ok(Self { num_codebooks: q, frames: f, codes: t.to_dtype(DType::U32)?.flatten_all()?.to_vec1()? })
+        Ok(Self {
+            num_codebooks: q,
+            frames: f,
+            codes: t.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?,
+        })
     }
 
     /// Checks shape and range against a model.
-    pub fn validate(&self, field: &str, max_codebooks: usize, codebook_size: usize) -> Result<(), EngineError> {
+    pub fn validate(
+        &self,
+        field: &str,
+        max_codebooks: usize,
+        codebook_size: usize,
+    ) -> Result<(), EngineError> {
         if self.num_codebooks == 0 || self.frames == 0 {
-            return Err(EngineError::invalid(field, "codes are empty (need at least one codebook and one frame)"));
+            return Err(EngineError::invalid(
+                field,
+                "codes are empty (need at least one codebook and one frame)",
+            ));
         }
         if self.num_codebooks > max_codebooks {
             return Err(EngineError::invalid(
                 field,
-                format!("{} codebooks given, the model has {max_codebooks}", self.num_codebooks),
+                format!(
+                    "{} codebooks given, the model has {max_codebooks}",
+                    self.num_codebooks
+                ),
             ));
         }
         if self.codes.len() != self.num_codebooks * self.frames {
@@ -77,7 +102,12 @@ impl Codes {
                 ),
             ));
         }
-        if let Some((i, c)) = self.codes.iter().enumerate().find(|(_, c)| **c as usize >= codebook_size) {
+        if let Some((i, c)) = self
+            .codes
+            .iter()
+            .enumerate()
+            .find(|(_, c)| **c as usize >= codebook_size)
+        {
             return Err(EngineError::invalid(
                 field,
                 format!("code {c} at index {i} is outside the codebook (size {codebook_size})"),
@@ -137,9 +167,10 @@ pub enum StreamInput<T> {
 }
 
 /// Output side shared by all codec tasks: an outbox that never blocks the worker.
-struct Outbox {
+pub(crate) struct Outbox {
     tx: mpsc::Sender<Result<CodecEvent, EngineError>>,
     pending: VecDeque<Result<CodecEvent, EngineError>>,
+    terminal: crate::TerminalSlot,
 }
 
 impl Outbox {
@@ -165,9 +196,12 @@ impl Outbox {
         true
     }
 
+    /// Ends the session with `err`. The error goes to the terminal slot, not the channel: the
+    /// channel may be full (that is why a slow consumer is failed), and the receiver reports
+    /// the slot's error once it has drained what was already sent.
     fn fail(&mut self, err: EngineError) {
         self.pending.clear();
-        let _ = self.tx.try_send(Err(err));
+        self.terminal.set(err);
     }
 }
 
@@ -180,8 +214,18 @@ struct Base {
 }
 
 impl Base {
-    fn new(label: String, tx: mpsc::Sender<Result<CodecEvent, EngineError>>, deadline: Option<Instant>) -> Self {
-        Self { label, out: Outbox { tx, pending: VecDeque::new() }, deadline, finished: false }
+    fn new(label: String, out: Output, deadline: Option<Instant>) -> Self {
+        let (tx, terminal) = out;
+        Self {
+            label,
+            out: Outbox {
+                tx,
+                pending: VecDeque::new(),
+                terminal,
+            },
+            deadline,
+            finished: false,
+        }
     }
 
     /// Before a step: deliver pending output and enforce the deadline.
@@ -193,7 +237,9 @@ impl Base {
             return Some(Step::Done);
         }
         if self.deadline.is_some_and(|d| Instant::now() > d) {
-            self.out.fail(EngineError::DeadlineExceeded("the request's deadline passed while it ran".into()));
+            self.out.fail(EngineError::DeadlineExceeded(
+                "the request's deadline passed while it ran".into(),
+            ));
             return Some(Step::Done);
         }
         None
@@ -222,11 +268,16 @@ impl Base {
 
 fn audio_to_pcm(input: AudioInput, limits: &Limits) -> Result<Pcm, EngineError> {
     match input {
-        AudioInput::File(bytes) => cadenza_audio::decode(&bytes, limits).map_err(|e| EngineError::audio("audio", e)),
-        AudioInput::Raw { bytes, encoding, sample_rate, channels } => {
-            cadenza_audio::decode_raw(&bytes, encoding, sample_rate, channels, limits)
-                .map_err(|e| EngineError::audio("audio", e))
+        AudioInput::File(bytes) => {
+            cadenza_audio::decode(&bytes, limits).map_err(|e| EngineError::audio("audio", e))
         }
+        AudioInput::Raw {
+            bytes,
+            encoding,
+            sample_rate,
+            channels,
+        } => cadenza_audio::decode_raw(&bytes, encoding, sample_rate, channels, limits)
+            .map_err(|e| EngineError::audio("audio", e)),
         AudioInput::Pcm(p) => Ok(p),
     }
 }
@@ -246,7 +297,12 @@ fn tensor_to_pcm(t: &Tensor, sample_rate: u32) -> Result<Pcm, EngineError> {
 
 enum EncodeState {
     Start(AudioInput),
-    Running { pcm: Tensor, pos: usize, len: usize, enc: Option<StreamEncoder> },
+    Running {
+        pcm: Tensor,
+        pos: usize,
+        len: usize,
+        enc: Option<StreamEncoder>,
+    },
 }
 
 /// Encodes a whole input, `codec_step_seconds` of audio per step.
@@ -268,15 +324,18 @@ impl EncodeTask {
         bandwidth: Option<f32>,
         limits: Limits,
         step_seconds: f64,
-        tx: mpsc::Sender<Result<CodecEvent, EngineError>>,
+        out: Output,
         deadline: Option<Instant>,
     ) -> Result<Self, EngineError> {
         let n_q = check_bandwidth(&model, bandwidth)?;
         let cfg = model.model.config();
         let hop = cfg.hop_length();
-        let step_samples = ((step_seconds * cfg.sampling_rate as f64) as usize).div_ceil(hop).max(1) * hop;
+        let step_samples = ((step_seconds * cfg.sampling_rate as f64) as usize)
+            .div_ceil(hop)
+            .max(1)
+            * hop;
         Ok(Self {
-            base: Base::new(format!("encode:{}", model.info.name), tx, deadline),
+            base: Base::new(format!("encode:{}", model.info.name), out, deadline),
             model,
             bandwidth,
             n_q,
@@ -304,10 +363,20 @@ impl EncodeTask {
                 } else {
                     Some(StreamEncoder::new(m, Some(self.bandwidth_or_default()))?)
                 };
-                self.state = Some(EncodeState::Running { pcm: pcm_to_tensor(&pcm)?, pos: 0, len, enc });
+                self.state = Some(EncodeState::Running {
+                    pcm: pcm_to_tensor(&pcm)?,
+                    pos: 0,
+                    len,
+                    enc,
+                });
                 Ok(false)
             }
-            Some(EncodeState::Running { pcm, mut pos, len, mut enc }) => {
+            Some(EncodeState::Running {
+                pcm,
+                mut pos,
+                len,
+                mut enc,
+            }) => {
                 let total = self.total_steps(len);
                 let done = match (&mut enc, cfg.chunk_length(), cfg.chunk_stride()) {
                     (Some(e), _, _) => {
@@ -318,7 +387,10 @@ impl EncodeTask {
                             codes = Tensor::cat(&[&codes, &e.finish(m)?], 1)?;
                         }
                         if codes.dim(1)? > 0 {
-                            self.base.out.push(CodecEvent::Codes { codes: Codes::from_tensor(&codes)?, scale: None });
+                            self.base.out.push(CodecEvent::Codes {
+                                codes: Codes::from_tensor(&codes)?,
+                                scale: None,
+                            });
                         }
                         pos >= len
                     }
@@ -326,22 +398,31 @@ impl EncodeTask {
                         // One chunk per step, exactly as `Encodec::encode` splits them; every
                         // chunk's codes are padded to the frames of a full chunk.
                         let n = chunk.min(len - pos);
-                        let (codes, scale) = m.encode_frame(&pcm.narrow(1, pos, n)?.unsqueeze(0)?, self.n_q)?;
+                        let (codes, scale) =
+                            m.encode_frame(&pcm.narrow(1, pos, n)?.unsqueeze(0)?, self.n_q)?;
                         let full = chunk.div_ceil(cfg.hop_length());
                         let frames = codes.dim(2)?;
-                        let codes = codes.pad_with_zeros(2, 0, full.saturating_sub(frames))?.squeeze(0)?;
+                        let codes = codes
+                            .pad_with_zeros(2, 0, full.saturating_sub(frames))?
+                            .squeeze(0)?;
                         let scale = match scale {
                             Some(s) => Some(s.to_vec1::<f32>()?[0]),
                             None => None,
                         };
-                        self.base.out.push(CodecEvent::Codes { codes: Codes::from_tensor(&codes)?, scale });
+                        self.base.out.push(CodecEvent::Codes {
+                            codes: Codes::from_tensor(&codes)?,
+                            scale,
+                        });
                         pos += stride;
                         pos >= len
                     }
                     _ => return Err(EngineError::Internal("inconsistent codec chunking".into())),
                 };
                 self.steps += 1;
-                self.base.out.push(CodecEvent::Progress { step: self.steps, total });
+                self.base.out.push(CodecEvent::Progress {
+                    step: self.steps,
+                    total,
+                });
                 if done {
                     self.base.out.push(CodecEvent::Encoded {
                         num_samples: len as u64,
@@ -358,7 +439,8 @@ impl EncodeTask {
     }
 
     fn bandwidth_or_default(&self) -> f32 {
-        self.bandwidth.unwrap_or(self.model.model.config().target_bandwidths[0])
+        self.bandwidth
+            .unwrap_or(self.model.model.config().target_bandwidths[0])
     }
 
     fn total_steps(&self, len: usize) -> u32 {
@@ -390,13 +472,19 @@ impl Task for EncodeTask {
 }
 
 /// Validates a bandwidth (kbps; `None` = the model's smallest) and returns its codebook count.
-pub(crate) fn check_bandwidth(model: &CodecModel, bandwidth: Option<f32>) -> Result<usize, EngineError> {
+pub(crate) fn check_bandwidth(
+    model: &CodecModel,
+    bandwidth: Option<f32>,
+) -> Result<usize, EngineError> {
     let cfg = model.model.config();
     let bw = bandwidth.unwrap_or(cfg.target_bandwidths[0]);
     model.model.check_bandwidth(Some(bw)).map_err(|_| {
         EngineError::invalid(
             "bandwidth_kbps",
-            format!("{bw} kbps is not supported by '{}'; choose one of {:?}", model.info.name, cfg.target_bandwidths),
+            format!(
+                "{bw} kbps is not supported by '{}'; choose one of {:?}",
+                model.info.name, cfg.target_bandwidths
+            ),
         )
     })
 }
@@ -429,37 +517,49 @@ impl DecodeTask {
         scales: Vec<f32>,
         trim: Option<u64>,
         step_seconds: f64,
-        tx: mpsc::Sender<Result<CodecEvent, EngineError>>,
+        out: Output,
         deadline: Option<Instant>,
     ) -> Result<Self, EngineError> {
         let cfg = model.model.config();
         codes.validate("codes", cfg.num_quantizers(), cfg.codebook_size)?;
         let (dec, step_frames) = match chunk_frames(&model) {
             Some(cf) => {
-                if codes.frames % cf != 0 {
+                if !codes.frames.is_multiple_of(cf) {
                     return Err(EngineError::invalid(
                         "codes",
-                        format!("this chunked model needs a multiple of {cf} frames (one block per chunk), got {}", codes.frames),
+                        format!(
+                            "this chunked model needs a multiple of {cf} frames (one block per chunk), got {}",
+                            codes.frames
+                        ),
                     ));
                 }
                 let n_chunks = codes.frames / cf;
                 if cfg.normalize && scales.len() != n_chunks {
                     return Err(EngineError::invalid(
                         "scales",
-                        format!("{n_chunks} chunks need {n_chunks} scales, got {}", scales.len()),
+                        format!(
+                            "{n_chunks} chunks need {n_chunks} scales, got {}",
+                            scales.len()
+                        ),
                     ));
                 }
                 (None, cf)
             }
             None => {
                 if !scales.is_empty() {
-                    return Err(EngineError::invalid("scales", "this model does not use scales"));
+                    return Err(EngineError::invalid(
+                        "scales",
+                        "this model does not use scales",
+                    ));
                 }
-                (Some(StreamDecoder::new(&model.model)?), ((step_seconds * cfg.frame_rate() as f64) as usize).max(1))
+                (
+                    Some(StreamDecoder::new(&model.model)?),
+                    ((step_seconds * cfg.frame_rate() as f64) as usize).max(1),
+                )
             }
         };
         Ok(Self {
-            base: Base::new(format!("decode:{}", model.info.name), tx, deadline),
+            base: Base::new(format!("decode:{}", model.info.name), out, deadline),
             codes: codes.to_tensor()?,
             model,
             scales,
@@ -482,7 +582,10 @@ impl DecodeTask {
         let n = audio.dim(1)?;
         if n > 0 {
             let pcm = tensor_to_pcm(&audio, self.model.model.config().sampling_rate)?;
-            self.base.out.push(CodecEvent::Audio { start_sample: self.emitted, pcm });
+            self.base.out.push(CodecEvent::Audio {
+                start_sample: self.emitted,
+                pcm,
+            });
             self.emitted += n as u64;
         }
         Ok(())
@@ -509,7 +612,8 @@ impl DecodeTask {
                     Some(s) if m.config().normalize => Some(Tensor::new(&[*s], &Device::Cpu)?),
                     _ => None,
                 };
-                self.chunks.push(m.decode_frame(&part.unsqueeze(0)?, scale.as_ref())?);
+                self.chunks
+                    .push(m.decode_frame(&part.unsqueeze(0)?, scale.as_ref())?);
                 if done {
                     let stride = m.config().chunk_stride().unwrap_or(1);
                     let audio = linear_overlap_add(&self.chunks, stride)?.squeeze(0)?;
@@ -518,9 +622,14 @@ impl DecodeTask {
             }
         }
         self.steps += 1;
-        self.base.out.push(CodecEvent::Progress { step: self.steps, total: frames.div_ceil(self.step_frames) as u32 });
+        self.base.out.push(CodecEvent::Progress {
+            step: self.steps,
+            total: frames.div_ceil(self.step_frames) as u32,
+        });
         if done {
-            self.base.out.push(CodecEvent::Decoded { num_samples: self.emitted });
+            self.base.out.push(CodecEvent::Decoded {
+                num_samples: self.emitted,
+            });
         }
         Ok(done)
     }
@@ -570,25 +679,33 @@ impl StreamEncodeTask {
         bandwidth: Option<f32>,
         limits: &Limits,
         input: mpsc::Receiver<StreamInput<Vec<u8>>>,
-        tx: mpsc::Sender<Result<CodecEvent, EngineError>>,
+        out: Output,
         deadline: Option<Instant>,
     ) -> Result<Self, EngineError> {
         let cfg = model.model.config();
         if cfg.chunk_length().is_some() {
             return Err(EngineError::invalid(
                 "model",
-                format!("'{}' is a chunked (normalising) codec; use the unary Encode", model.info.name),
+                format!(
+                    "'{}' is a chunked (normalising) codec; use the unary Encode",
+                    model.info.name
+                ),
             ));
         }
-        limits.check_sample_rate(sample_rate).map_err(|e| EngineError::audio("format.sample_rate_hz", e))?;
-        limits.check_channels(channels as usize).map_err(|e| EngineError::audio("format.channels", e))?;
+        limits
+            .check_sample_rate(sample_rate)
+            .map_err(|e| EngineError::audio("format.sample_rate_hz", e))?;
+        limits
+            .check_channels(channels as usize)
+            .map_err(|e| EngineError::audio("format.channels", e))?;
         let n_q = check_bandwidth(&model, bandwidth)?;
         let bandwidth = bandwidth.unwrap_or(cfg.target_bandwidths[0]);
-        let resampler = StreamResampler::new(sample_rate, cfg.sampling_rate, cfg.audio_channels as u16)
-            .map_err(|e| EngineError::audio("format.sample_rate_hz", e))?;
+        let resampler =
+            StreamResampler::new(sample_rate, cfg.sampling_rate, cfg.audio_channels as u16)
+                .map_err(|e| EngineError::audio("format.sample_rate_hz", e))?;
         let enc = StreamEncoder::new(&model.model, Some(bandwidth))?;
         Ok(Self {
-            base: Base::new(format!("stream-encode:{}", model.info.name), tx, deadline),
+            base: Base::new(format!("stream-encode:{}", model.info.name), out, deadline),
             max_samples: (limits.max_seconds * cfg.sampling_rate as f64) as u64,
             model,
             input,
@@ -613,16 +730,33 @@ impl StreamEncodeTask {
                     self.encoding,
                     self.in_rate,
                     self.in_channels,
-                    &Limits { max_seconds: f64::MAX, ..Limits::default() },
+                    &Limits {
+                        max_seconds: f64::MAX,
+                        ..Limits::default()
+                    },
                 )
                 .map_err(|e| EngineError::audio("audio", e))?;
-                let pcm = pcm.conform(pcm.sample_rate, cfg.audio_channels as u16).map_err(|e| EngineError::audio("audio", e))?;
-                (self.resampler.push(&pcm.samples).map_err(|e| EngineError::audio("audio", e))?, false)
+                let pcm = pcm
+                    .conform(pcm.sample_rate, cfg.audio_channels as u16)
+                    .map_err(|e| EngineError::audio("audio", e))?;
+                (
+                    self.resampler
+                        .push(&pcm.samples)
+                        .map_err(|e| EngineError::audio("audio", e))?,
+                    false,
+                )
             }
-            Ok(StreamInput::End) => (self.resampler.finish().map_err(|e| EngineError::audio("audio", e))?, true),
+            Ok(StreamInput::End) => (
+                self.resampler
+                    .finish()
+                    .map_err(|e| EngineError::audio("audio", e))?,
+                true,
+            ),
             Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
             Err(mpsc::error::TryRecvError::Disconnected) => {
-                return Err(EngineError::Cancelled("the client stream ended without finishing".into()));
+                return Err(EngineError::Cancelled(
+                    "the client stream ended without finishing".into(),
+                ));
             }
         };
         let c = cfg.audio_channels;
@@ -631,11 +765,16 @@ impl StreamEncodeTask {
         if self.samples_in > self.max_samples {
             return Err(EngineError::TooLarge {
                 what: "audio stream".into(),
-                detail: format!("more than {} s of audio", self.max_samples / cfg.sampling_rate as u64),
+                detail: format!(
+                    "more than {} s of audio",
+                    self.max_samples / cfg.sampling_rate as u64
+                ),
             });
         }
         let mut codes = if n > 0 {
-            let t = Tensor::from_vec(resampled, (n, c), &Device::Cpu)?.t()?.contiguous()?;
+            let t = Tensor::from_vec(resampled, (n, c), &Device::Cpu)?
+                .t()?
+                .contiguous()?;
             self.enc.push(m, &t)?
         } else {
             Tensor::zeros((self.n_q, 0), DType::U32, &Device::Cpu)?
@@ -647,7 +786,10 @@ impl StreamEncodeTask {
             codes = Tensor::cat(&[&codes, &self.enc.finish(m)?], 1)?;
         }
         if codes.dim(1)? > 0 {
-            self.base.out.push(CodecEvent::Codes { codes: Codes::from_tensor(&codes)?, scale: None });
+            self.base.out.push(CodecEvent::Codes {
+                codes: Codes::from_tensor(&codes)?,
+                scale: None,
+            });
         }
         if last {
             self.base.out.push(CodecEvent::Encoded {
@@ -699,18 +841,21 @@ impl StreamDecodeTask {
         model: Arc<CodecModel>,
         max_frames: usize,
         input: mpsc::Receiver<StreamInput<Codes>>,
-        tx: mpsc::Sender<Result<CodecEvent, EngineError>>,
+        out: Output,
         deadline: Option<Instant>,
     ) -> Result<Self, EngineError> {
         if model.model.config().chunk_length().is_some() {
             return Err(EngineError::invalid(
                 "model",
-                format!("'{}' is a chunked (normalising) codec; use the unary Decode", model.info.name),
+                format!(
+                    "'{}' is a chunked (normalising) codec; use the unary Decode",
+                    model.info.name
+                ),
             ));
         }
         let dec = StreamDecoder::new(&model.model)?;
         Ok(Self {
-            base: Base::new(format!("stream-decode:{}", model.info.name), tx, deadline),
+            base: Base::new(format!("stream-decode:{}", model.info.name), out, deadline),
             model,
             input,
             dec,
@@ -754,17 +899,24 @@ impl StreamDecodeTask {
             }
             Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
             Err(mpsc::error::TryRecvError::Disconnected) => {
-                return Err(EngineError::Cancelled("the client stream ended without finishing".into()));
+                return Err(EngineError::Cancelled(
+                    "the client stream ended without finishing".into(),
+                ));
             }
         };
         let n = audio.dim(1)?;
         if n > 0 {
             let pcm = tensor_to_pcm(&audio, cfg.sampling_rate)?;
-            self.base.out.push(CodecEvent::Audio { start_sample: self.emitted, pcm });
+            self.base.out.push(CodecEvent::Audio {
+                start_sample: self.emitted,
+                pcm,
+            });
             self.emitted += n as u64;
         }
         if last {
-            self.base.out.push(CodecEvent::Decoded { num_samples: self.emitted });
+            self.base.out.push(CodecEvent::Decoded {
+                num_samples: self.emitted,
+            });
         }
         Ok(Some(last))
     }

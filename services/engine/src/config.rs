@@ -46,10 +46,10 @@ impl EngineConfig {
         if self.max_active == 0 {
             return Err("engine.max_active must be at least 1".into());
         }
-        if !(self.max_audio_seconds > 0.0) {
+        if !(self.max_audio_seconds.is_finite() && self.max_audio_seconds > 0.0) {
             return Err("engine.max_audio_seconds must be positive".into());
         }
-        if !(self.codec_step_seconds > 0.0) {
+        if !(self.codec_step_seconds.is_finite() && self.codec_step_seconds > 0.0) {
             return Err("engine.codec_step_seconds must be positive".into());
         }
         Ok(())

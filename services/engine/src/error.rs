@@ -65,14 +65,20 @@ pub enum EngineError {
 impl EngineError {
     /// Shorthand for [`EngineError::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument { field: field.into(), reason: reason.into() }
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Wraps an audio error, keeping limit errors distinct.
     pub fn audio(field: impl Into<String>, source: cadenza_audio::AudioError) -> Self {
         let field = field.into();
         if source.is_limit() {
-            Self::TooLarge { what: field, detail: source.to_string() }
+            Self::TooLarge {
+                what: field,
+                detail: source.to_string(),
+            }
         } else {
             Self::Audio { field, source }
         }

@@ -38,7 +38,46 @@ pub struct Session<T> {
     /// Queue position at admission.
     pub admitted: Admitted,
     /// Events, ending with a final event or an error.
-    pub events: mpsc::Receiver<Result<T, EngineError>>,
+    pub events: Events<T>,
+}
+
+/// Where a session's terminal error is left for its receiver (see [`Events::recv`]).
+#[derive(Debug, Clone, Default)]
+pub struct TerminalSlot(Arc<std::sync::Mutex<Option<EngineError>>>);
+
+impl TerminalSlot {
+    /// Records the error that ends the session (the first one wins).
+    pub fn set(&self, err: EngineError) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert(err);
+    }
+
+    fn take(&self) -> Option<EngineError> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// The receiving end of a session: every event sent, then the terminal error if there is one.
+#[derive(Debug)]
+pub struct Events<T> {
+    rx: mpsc::Receiver<Result<T, EngineError>>,
+    terminal: TerminalSlot,
+}
+
+impl<T> Events<T> {
+    fn channel(cap: usize) -> (mpsc::Sender<Result<T, EngineError>>, TerminalSlot, Self) {
+        let (tx, rx) = mpsc::channel(cap);
+        let terminal = TerminalSlot::default();
+        (tx, terminal.clone(), Self { rx, terminal })
+    }
+
+    /// The next event; `None` once the session is over.
+    pub async fn recv(&mut self) -> Option<Result<T, EngineError>> {
+        match self.rx.recv().await {
+            Some(ev) => Some(ev),
+            None => self.terminal.take().map(Err),
+        }
+    }
 }
 
 /// The input side of a streaming session. Dropping it without [`SessionInput::end`] cancels
@@ -52,7 +91,10 @@ pub struct SessionInput<T> {
 impl<T> SessionInput<T> {
     /// Sends more input, waiting while the session's input buffer is full.
     pub async fn send(&self, item: T) -> Result<(), EngineError> {
-        let tx = self.tx.as_ref().ok_or_else(|| EngineError::invalid("stream", "input already ended"))?;
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| EngineError::invalid("stream", "input already ended"))?;
         tx.send(StreamInput::Data(item))
             .await
             .map_err(|_| EngineError::Cancelled("the session has ended".into()))?;
@@ -63,7 +105,9 @@ impl<T> SessionInput<T> {
     /// Marks the clean end of input.
     pub async fn end(mut self) -> Result<(), EngineError> {
         if let Some(tx) = self.tx.take() {
-            tx.send(StreamInput::End).await.map_err(|_| EngineError::Cancelled("the session has ended".into()))?;
+            tx.send(StreamInput::End)
+                .await
+                .map_err(|_| EngineError::Cancelled("the session has ended".into()))?;
         }
         self.waker.wake();
         Ok(())
@@ -99,7 +143,11 @@ struct Inner {
 
 impl Engine {
     /// Loads the models and starts the workers. `base` resolves relative model paths.
-    pub fn start(cfg: EngineConfig, models: &[ModelEntry], base: Option<&Path>) -> Result<Self, String> {
+    pub fn start(
+        cfg: EngineConfig,
+        models: &[ModelEntry],
+        base: Option<&Path>,
+    ) -> Result<Self, String> {
         cfg.validate()?;
         let registry = Registry::load(models, base, &Device::Cpu)?;
         let worker = WorkerHandle::spawn(
@@ -109,7 +157,13 @@ impl Engine {
             Duration::from_millis(cfg.slow_consumer_timeout_ms),
         )
         .map_err(|e| format!("starting the CPU worker: {e}"))?;
-        Ok(Self { inner: Arc::new(Inner { registry, worker, cfg }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                registry,
+                worker,
+                cfg,
+            }),
+        })
     }
 
     /// The engine's configuration.
@@ -152,23 +206,28 @@ impl Engine {
     ) -> Result<Session<CodecEvent>, EngineError> {
         let m = self.inner.registry.codec(model)?;
         if let AudioInput::File(b) | AudioInput::Raw { bytes: b, .. } = &audio {
-            self.audio_limits().check_bytes(b.len()).map_err(|e| EngineError::audio("audio", e))?;
+            self.audio_limits()
+                .check_bytes(b.len())
+                .map_err(|e| EngineError::audio("audio", e))?;
             if b.is_empty() {
                 return Err(EngineError::invalid("audio", "no audio bytes were sent"));
             }
         }
-        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
+        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
         let task = codec::EncodeTask::new(
             m,
             audio,
             bandwidth,
             self.audio_limits(),
             self.inner.cfg.codec_step_seconds,
-            tx,
+            (tx, slot),
             opts.deadline,
         )?;
         let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok(Session { admitted, events: rx })
+        Ok(Session {
+            admitted,
+            events: rx,
+        })
     }
 
     /// Decodes codes to audio. `scales`: one per chunk for normalising models, else empty.
@@ -185,13 +244,27 @@ impl Engine {
         if codes.frames > self.inner.cfg.max_code_frames {
             return Err(EngineError::TooLarge {
                 what: "codes".into(),
-                detail: format!("{} frames, the limit is {}", codes.frames, self.inner.cfg.max_code_frames),
+                detail: format!(
+                    "{} frames, the limit is {}",
+                    codes.frames, self.inner.cfg.max_code_frames
+                ),
             });
         }
-        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
-        let task = codec::DecodeTask::new(m, codes, scales, trim, self.inner.cfg.codec_step_seconds, tx, opts.deadline)?;
+        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
+        let task = codec::DecodeTask::new(
+            m,
+            codes,
+            scales,
+            trim,
+            self.inner.cfg.codec_step_seconds,
+            (tx, slot),
+            opts.deadline,
+        )?;
         let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok(Session { admitted, events: rx })
+        Ok(Session {
+            admitted,
+            events: rx,
+        })
     }
 
     /// Streams raw PCM in, codes out (non-chunked models).
@@ -206,7 +279,7 @@ impl Engine {
     ) -> Result<(SessionInput<Vec<u8>>, Session<CodecEvent>), EngineError> {
         let m = self.inner.registry.codec(model)?;
         let (in_tx, in_rx) = mpsc::channel(8);
-        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
+        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
         let task = codec::StreamEncodeTask::new(
             m,
             encoding,
@@ -215,11 +288,20 @@ impl Engine {
             bandwidth,
             &self.audio_limits(),
             in_rx,
-            tx,
+            (tx, slot),
             opts.deadline,
         )?;
         let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok((SessionInput { tx: Some(in_tx), waker: self.inner.worker.waker() }, Session { admitted, events: rx }))
+        Ok((
+            SessionInput {
+                tx: Some(in_tx),
+                waker: self.inner.worker.waker(),
+            },
+            Session {
+                admitted,
+                events: rx,
+            },
+        ))
     }
 
     /// Streams codes in, audio out (non-chunked models).
@@ -230,10 +312,25 @@ impl Engine {
     ) -> Result<(SessionInput<Codes>, Session<CodecEvent>), EngineError> {
         let m = self.inner.registry.codec(model)?;
         let (in_tx, in_rx) = mpsc::channel(8);
-        let (tx, rx) = mpsc::channel(SESSION_CHANNEL);
-        let task = codec::StreamDecodeTask::new(m, self.inner.cfg.max_code_frames, in_rx, tx, opts.deadline)?;
+        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
+        let task = codec::StreamDecodeTask::new(
+            m,
+            self.inner.cfg.max_code_frames,
+            in_rx,
+            (tx, slot),
+            opts.deadline,
+        )?;
         let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok((SessionInput { tx: Some(in_tx), waker: self.inner.worker.waker() }, Session { admitted, events: rx }))
+        Ok((
+            SessionInput {
+                tx: Some(in_tx),
+                waker: self.inner.worker.waker(),
+            },
+            Session {
+                admitted,
+                events: rx,
+            },
+        ))
     }
 
     /// Stops the workers; running sessions end with `Unavailable`.

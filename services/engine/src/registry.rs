@@ -80,7 +80,10 @@ pub struct Registry {
 
 /// First paragraph of a model card after its title, as a one-line summary.
 fn card_summary(card: &str) -> String {
-    let mut lines = card.lines().map(str::trim).skip_while(|l| l.is_empty() || l.starts_with('#'));
+    let mut lines = card
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty() || l.starts_with('#'));
     let mut out = String::new();
     for l in lines.by_ref() {
         if l.is_empty() {
@@ -96,7 +99,11 @@ fn card_summary(card: &str) -> String {
 
 impl Registry {
     /// Loads every entry; fails on the first model that cannot be loaded, naming it.
-    pub fn load(entries: &[ModelEntry], base: Option<&std::path::Path>, device: &Device) -> Result<Self, String> {
+    pub fn load(
+        entries: &[ModelEntry],
+        base: Option<&std::path::Path>,
+        device: &Device,
+    ) -> Result<Self, String> {
         let mut reg = Registry::default();
         for e in entries {
             if reg.codecs.contains_key(&e.name) {
@@ -105,8 +112,10 @@ impl Registry {
             let source = ModelSource::parse(&e.source, base);
             match e.kind {
                 ModelKind::Codec => {
-                    let m = load_codec(&e.name, &source, e.card.as_deref(), device)
-                        .map_err(|err| format!("loading model '{}' from {source}: {err}", e.name))?;
+                    let m =
+                        load_codec(&e.name, &source, e.card.as_deref(), device).map_err(|err| {
+                            format!("loading model '{}' from {source}: {err}", e.name)
+                        })?;
                     reg.codecs.insert(e.name.clone(), Arc::new(m));
                 }
             }
@@ -121,23 +130,39 @@ impl Registry {
 
     /// A codec by name (empty name = the only/first codec).
     pub fn codec(&self, name: &str) -> Result<Arc<CodecModel>, EngineError> {
-        let found = if name.is_empty() { self.codecs.values().next() } else { self.codecs.get(name) };
+        let found = if name.is_empty() {
+            self.codecs.values().next()
+        } else {
+            self.codecs.get(name)
+        };
         found.cloned().ok_or_else(|| EngineError::UnknownModel {
-            name: if name.is_empty() { "(default codec)".into() } else { name.to_string() },
+            name: if name.is_empty() {
+                "(default codec)".into()
+            } else {
+                name.to_string()
+            },
             available: self.codecs.keys().cloned().collect(),
         })
     }
 }
 
-fn load_codec(name: &str, source: &ModelSource, card: Option<&str>, device: &Device) -> Result<CodecModel, String> {
+fn load_codec(
+    name: &str,
+    source: &ModelSource,
+    card: Option<&str>,
+    device: &Device,
+) -> Result<CodecModel, String> {
     let (model, card_text, untrained) = match source {
         ModelSource::Embedded(n) => {
-            let emb = EMBEDDED
-                .iter()
-                .find(|m| m.name == n)
-                .ok_or_else(|| format!("no embedded model '{n}' (embedded: {})", embedded_names().join(", ")))?;
+            let emb = EMBEDDED.iter().find(|m| m.name == n).ok_or_else(|| {
+                format!(
+                    "no embedded model '{n}' (embedded: {})",
+                    embedded_names().join(", ")
+                )
+            })?;
             let cfg = Encodec::parse_config(emb.config_json).map_err(|e| e.to_string())?;
-            let tensors = candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
+            let tensors = candle_core::safetensors::load_buffer(emb.weights, device)
+                .map_err(|e| e.to_string())?;
             let model = Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())?;
             (model, card_summary(emb.card), emb.untrained)
         }
@@ -192,7 +217,10 @@ mod tests {
         assert!(m.info.untrained);
         assert_eq!(m.info.sample_rate, 24_000);
         assert!(m.info.parameters > 0);
-        assert!(matches!(reg.codec("nope"), Err(EngineError::UnknownModel { .. })));
+        assert!(matches!(
+            reg.codec("nope"),
+            Err(EngineError::UnknownModel { .. })
+        ));
     }
 
     #[test]

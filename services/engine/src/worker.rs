@@ -60,7 +60,10 @@ pub struct WorkerHandle {
 
 impl std::fmt::Debug for WorkerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerHandle").field("name", &self.name).field("load", &self.load()).finish()
+        f.debug_struct("WorkerHandle")
+            .field("name", &self.name)
+            .field("load", &self.load())
+            .finish()
     }
 }
 
@@ -94,7 +97,12 @@ pub struct Admitted {
 
 impl WorkerHandle {
     /// Starts a worker thread.
-    pub fn spawn(name: &str, max_active: usize, max_queue: usize, slow_timeout: Duration) -> std::io::Result<Self> {
+    pub fn spawn(
+        name: &str,
+        max_active: usize,
+        max_queue: usize,
+        slow_timeout: Duration,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
@@ -105,8 +113,16 @@ impl WorkerHandle {
             queue: VecDeque::new(),
             slow_timeout,
         };
-        std::thread::Builder::new().name(format!("cadenza-worker-{name}")).spawn(move || worker.run())?;
-        Ok(Self { tx, load, max_active, max_queue, name: name.into() })
+        std::thread::Builder::new()
+            .name(format!("cadenza-worker-{name}"))
+            .spawn(move || worker.run())?;
+        Ok(Self {
+            tx,
+            load,
+            max_active,
+            max_queue,
+            name: name.into(),
+        })
     }
 
     /// Sessions admitted and not yet finished.
@@ -129,7 +145,9 @@ impl WorkerHandle {
         let limit = self.max_active + self.max_queue;
         let prev = self
             .load
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| (l < limit).then_some(l + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                (l < limit).then_some(l + 1)
+            })
             .map_err(|l| EngineError::Overloaded {
                 queued: l.saturating_sub(self.max_active),
                 limit: self.max_queue,
@@ -139,7 +157,11 @@ impl WorkerHandle {
             self.load.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Unavailable("worker stopped".into()));
         }
-        let queue_position = if prev < self.max_active { 0 } else { prev - self.max_active + 1 };
+        let queue_position = if prev < self.max_active {
+            0
+        } else {
+            prev - self.max_active + 1
+        };
         Ok(Admitted { queue_position })
     }
 
@@ -169,7 +191,10 @@ impl Worker {
         loop {
             self.admit();
             // Sleep on the channel unless something can run.
-            let runnable = self.active.iter().any(|s| !s.idle && s.blocked_since.is_none());
+            let runnable = self
+                .active
+                .iter()
+                .any(|s| !s.idle && s.blocked_since.is_none());
             let blocked = self.active.iter().any(|s| s.blocked_since.is_some());
             if !runnable {
                 let cmd = if blocked {
@@ -213,8 +238,14 @@ impl Worker {
     /// Moves queued sessions into free slots, in arrival order.
     fn admit(&mut self) {
         while self.active.len() < self.max_active {
-            let Some(task) = self.queue.pop_front() else { break };
-            self.active.push(Slot { task, idle: false, blocked_since: None });
+            let Some(task) = self.queue.pop_front() else {
+                break;
+            };
+            self.active.push(Slot {
+                task,
+                idle: false,
+                blocked_since: None,
+            });
         }
     }
 
@@ -244,7 +275,10 @@ impl Worker {
                 true
             } else if slot.idle {
                 false
-            } else if let Some(since) = slot.blocked_since.filter(|s| s.elapsed() > self.slow_timeout) {
+            } else if let Some(since) = slot
+                .blocked_since
+                .filter(|s| s.elapsed() > self.slow_timeout)
+            {
                 tracing::warn!(task = slot.task.label(), waited = ?since.elapsed(), "slow consumer dropped");
                 slot.task.fail(EngineError::Cancelled(format!(
                     "client did not read its output for {} s",
@@ -275,7 +309,8 @@ impl Worker {
                             .or_else(|| panic.downcast_ref::<String>().cloned())
                             .unwrap_or_else(|| "unknown panic".into());
                         tracing::error!(task = slot.task.label(), %msg, "session panicked");
-                        slot.task.fail(EngineError::Internal(format!("session failed: {msg}")));
+                        slot.task
+                            .fail(EngineError::Internal(format!("session failed: {msg}")));
                         true
                     }
                 }
@@ -291,7 +326,8 @@ impl Worker {
 
     fn stop(mut self) {
         for mut s in self.active.drain(..) {
-            s.task.fail(EngineError::Unavailable("server is shutting down".into()));
+            s.task
+                .fail(EngineError::Unavailable("server is shutting down".into()));
         }
         for mut t in self.queue.drain(..) {
             t.fail(EngineError::Unavailable("server is shutting down".into()));
@@ -340,10 +376,20 @@ mod tests {
         }
     }
 
-    fn counter(gate: &Arc<AtomicBool>, done: &Arc<AtomicUsize>, panic_at: Option<usize>) -> (Box<dyn Task>, Arc<std::sync::Mutex<Option<String>>>) {
+    fn counter(
+        gate: &Arc<AtomicBool>,
+        done: &Arc<AtomicUsize>,
+        panic_at: Option<usize>,
+    ) -> (Box<dyn Task>, Arc<std::sync::Mutex<Option<String>>>) {
         let failed = Arc::new(std::sync::Mutex::new(None));
         (
-            Box::new(Counter { left: 5, gate: gate.clone(), done: done.clone(), panic_at, failed: failed.clone() }),
+            Box::new(Counter {
+                left: 5,
+                gate: gate.clone(),
+                done: done.clone(),
+                panic_at,
+                failed: failed.clone(),
+            }),
             failed,
         )
     }
@@ -361,9 +407,24 @@ mod tests {
         let w = WorkerHandle::spawn("t", 1, 2, Duration::from_secs(5)).unwrap();
         let gate = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicUsize::new(0));
-        assert_eq!(w.submit(counter(&gate, &done, None).0).unwrap().queue_position, 0);
-        assert_eq!(w.submit(counter(&gate, &done, None).0).unwrap().queue_position, 1);
-        assert_eq!(w.submit(counter(&gate, &done, None).0).unwrap().queue_position, 2);
+        assert_eq!(
+            w.submit(counter(&gate, &done, None).0)
+                .unwrap()
+                .queue_position,
+            0
+        );
+        assert_eq!(
+            w.submit(counter(&gate, &done, None).0)
+                .unwrap()
+                .queue_position,
+            1
+        );
+        assert_eq!(
+            w.submit(counter(&gate, &done, None).0)
+                .unwrap()
+                .queue_position,
+            2
+        );
         match w.submit(counter(&gate, &done, None).0) {
             Err(EngineError::Overloaded { queued, limit, .. }) => {
                 assert_eq!((queued, limit), (2, 2));

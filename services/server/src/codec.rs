@@ -31,7 +31,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 fn bandwidth(kbps: f32) -> Result<Option<f32>, Status> {
     if !kbps.is_finite() || kbps < 0.0 {
-        return Err(invalid("bandwidth_kbps", format!("{kbps} is not a valid bandwidth")));
+        return Err(invalid(
+            "bandwidth_kbps",
+            format!("{kbps} is not a valid bandwidth"),
+        ));
     }
     Ok((kbps > 0.0).then_some(kbps))
 }
@@ -40,17 +43,39 @@ fn raw_encoding(e: pb::Encoding, field: &str) -> Result<RawEncoding, Status> {
     match e {
         pb::Encoding::PcmS16le => Ok(RawEncoding::S16Le),
         pb::Encoding::PcmF32le => Ok(RawEncoding::F32Le),
-        other => Err(invalid(field, format!("{} is not a raw PCM encoding (use PCM_S16LE or PCM_F32LE)", other.as_str_name()))),
+        other => Err(invalid(
+            field,
+            format!(
+                "{} is not a raw PCM encoding (use PCM_S16LE or PCM_F32LE)",
+                other.as_str_name()
+            ),
+        )),
     }
 }
 
-fn audio_input(audio: Vec<u8>, format: Option<pb::AudioFormat>) -> Result<AudioInput, Status> {
+fn audio_input(
+    audio: Vec<u8>,
+    format: Option<pb::AudioFormat>,
+    limits: &cadenza_audio::Limits,
+) -> Result<AudioInput, Status> {
     let format = format.unwrap_or_default();
     match format.encoding() {
-        pb::Encoding::File | pb::Encoding::Wav | pb::Encoding::Unspecified => Ok(AudioInput::File(audio)),
+        pb::Encoding::File | pb::Encoding::Wav | pb::Encoding::Unspecified => {
+            Ok(AudioInput::File(audio))
+        }
         e => {
-            let channels = u16::try_from(format.channels)
-                .map_err(|_| invalid("format.channels", format!("{} channels is absurd", format.channels)))?;
+            limits
+                .check_sample_rate(format.sample_rate_hz)
+                .map_err(|err| status(EngineError::audio("format.sample_rate_hz", err)))?;
+            limits
+                .check_channels(format.channels as usize)
+                .map_err(|err| status(EngineError::audio("format.channels", err)))?;
+            let channels = u16::try_from(format.channels).map_err(|_| {
+                invalid(
+                    "format.channels",
+                    format!("{} channels is absurd", format.channels),
+                )
+            })?;
             Ok(AudioInput::Raw {
                 bytes: audio,
                 encoding: raw_encoding(e, "format.encoding")?,
@@ -62,11 +87,19 @@ fn audio_input(audio: Vec<u8>, format: Option<pb::AudioFormat>) -> Result<AudioI
 }
 
 pub(crate) fn codes_from_pb(c: pb::Codes) -> Codes {
-    Codes { num_codebooks: c.num_codebooks as usize, frames: c.frames as usize, codes: c.codes }
+    Codes {
+        num_codebooks: c.num_codebooks as usize,
+        frames: c.frames as usize,
+        codes: c.codes,
+    }
 }
 
 pub(crate) fn codes_to_pb(c: &Codes) -> pb::Codes {
-    pb::Codes { num_codebooks: c.num_codebooks as u32, frames: c.frames as u32, codes: c.codes.clone() }
+    pb::Codes {
+        num_codebooks: c.num_codebooks as u32,
+        frames: c.frames as u32,
+        codes: c.codes.clone(),
+    }
 }
 
 /// Appends `next` to `acc` along the frame axis.
@@ -75,7 +108,9 @@ fn append_codes(acc: &mut Option<Codes>, next: Codes) -> Result<(), Status> {
         None => *acc = Some(next),
         Some(a) => {
             if a.num_codebooks != next.num_codebooks {
-                return Err(status(EngineError::Internal("codebook count changed mid-encode".into())));
+                return Err(status(EngineError::Internal(
+                    "codebook count changed mid-encode".into(),
+                )));
             }
             let (q, fa, fb) = (a.num_codebooks, a.frames, next.frames);
             let mut codes = Vec::with_capacity(q * (fa + fb));
@@ -94,16 +129,32 @@ fn append_codes(acc: &mut Option<Codes>, next: Codes) -> Result<(), Status> {
 fn encode_audio(pcm: &Pcm, enc: pb::Encoding) -> Result<(Vec<u8>, pb::AudioFormat), Status> {
     let (bytes, enc) = match enc {
         pb::Encoding::Wav | pb::Encoding::Unspecified => (
-            cadenza_audio::encode_wav(pcm, WavFormat::I16).map_err(|e| status(EngineError::Internal(e.to_string())))?,
+            cadenza_audio::encode_wav(pcm, WavFormat::I16)
+                .map_err(|e| status(EngineError::Internal(e.to_string())))?,
             pb::Encoding::Wav,
         ),
-        pb::Encoding::PcmS16le => (cadenza_audio::to_s16le(&pcm.samples), pb::Encoding::PcmS16le),
-        pb::Encoding::PcmF32le => (cadenza_audio::to_f32le(&pcm.samples), pb::Encoding::PcmF32le),
-        pb::Encoding::File => return Err(invalid("output_encoding", "FILE is an input encoding; use WAV, PCM_S16LE or PCM_F32LE")),
+        pb::Encoding::PcmS16le => (
+            cadenza_audio::to_s16le(&pcm.samples),
+            pb::Encoding::PcmS16le,
+        ),
+        pb::Encoding::PcmF32le => (
+            cadenza_audio::to_f32le(&pcm.samples),
+            pb::Encoding::PcmF32le,
+        ),
+        pb::Encoding::File => {
+            return Err(invalid(
+                "output_encoding",
+                "FILE is an input encoding; use WAV, PCM_S16LE or PCM_F32LE",
+            ));
+        }
     };
     Ok((
         bytes,
-        pb::AudioFormat { encoding: enc as i32, sample_rate_hz: pcm.sample_rate, channels: pcm.channels as u32 },
+        pb::AudioFormat {
+            encoding: enc as i32,
+            sample_rate_hz: pcm.sample_rate,
+            channels: pcm.channels as u32,
+        },
     ))
 }
 
@@ -113,7 +164,10 @@ fn raw_output(enc: pb::Encoding) -> Result<pb::Encoding, Status> {
         pb::Encoding::PcmS16le => Ok(pb::Encoding::PcmS16le),
         other => Err(invalid(
             "config.output_encoding",
-            format!("{} cannot be streamed; use PCM_S16LE or PCM_F32LE", other.as_str_name()),
+            format!(
+                "{} cannot be streamed; use PCM_S16LE or PCM_F32LE",
+                other.as_str_name()
+            ),
         )),
     }
 }
@@ -146,47 +200,74 @@ fn forward<T: Send + 'static>(
 
 #[tonic::async_trait]
 impl pb::codec_server::Codec for CodecService {
-    async fn encode(&self, request: Request<pb::EncodeRequest>) -> Result<Response<pb::EncodeResponse>, Status> {
+    async fn encode(
+        &self,
+        request: Request<pb::EncodeRequest>,
+    ) -> Result<Response<pb::EncodeResponse>, Status> {
         let opts = request_options(&request)?;
         let req = request.into_inner();
         let opts = request_options_meta(opts, req.meta.as_ref());
         let model = req.model.map(|m| m.name).unwrap_or_default();
         let info = self.engine.codec_info(&model).map_err(status)?;
-        let input = audio_input(req.audio, req.format)?;
-        let mut session = self.engine.encode(&model, input, bandwidth(req.bandwidth_kbps)?, opts).map_err(status)?;
+        let input = audio_input(req.audio, req.format, &self.engine.audio_limits())?;
+        let mut session = self
+            .engine
+            .encode(&model, input, bandwidth(req.bandwidth_kbps)?, opts)
+            .map_err(status)?;
         let mut codes = None;
         let mut scales = Vec::new();
-        let mut resp = pb::EncodeResponse { model: info.name.clone(), sample_rate_hz: info.sample_rate, ..Default::default() };
+        let mut resp = pb::EncodeResponse {
+            model: info.name.clone(),
+            sample_rate_hz: info.sample_rate,
+            ..Default::default()
+        };
         while let Some(ev) = session.events.recv().await {
             match ev.map_err(status)? {
                 CodecEvent::Codes { codes: c, scale } => {
                     append_codes(&mut codes, c)?;
                     scales.extend(scale);
                 }
-                CodecEvent::Encoded { num_samples, bandwidth_kbps, .. } => {
+                CodecEvent::Encoded {
+                    num_samples,
+                    bandwidth_kbps,
+                    ..
+                } => {
                     resp.num_samples = num_samples;
                     resp.bandwidth_kbps = bandwidth_kbps;
                 }
                 _ => {}
             }
         }
-        let codes = codes.ok_or_else(|| status(EngineError::Internal("encoding produced no codes".into())))?;
+        let codes = codes
+            .ok_or_else(|| status(EngineError::Internal("encoding produced no codes".into())))?;
         resp.codes = Some(codes_to_pb(&codes));
         resp.scales = scales;
         Ok(Response::new(resp))
     }
 
-    async fn decode(&self, request: Request<pb::DecodeRequest>) -> Result<Response<pb::DecodeResponse>, Status> {
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
         let opts = request_options(&request)?;
         let req = request.into_inner();
         let opts = request_options_meta(opts, req.meta.as_ref());
         let out_enc = req.output_encoding();
         let model = req.model.map(|m| m.name).unwrap_or_default();
         let codes = req.codes.ok_or_else(|| invalid("codes", "missing"))?;
-        encode_audio(&Pcm { sample_rate: 8000, channels: 1, samples: vec![] }, out_enc)?; // validate early
+        encode_audio(
+            &Pcm {
+                sample_rate: 8000,
+                channels: 1,
+                samples: vec![],
+            },
+            out_enc,
+        )?; // validate early
         let trim = (req.num_samples > 0).then_some(req.num_samples);
-        let mut session =
-            self.engine.decode(&model, codes_from_pb(codes), req.scales, trim, opts).map_err(status)?;
+        let mut session = self
+            .engine
+            .decode(&model, codes_from_pb(codes), req.scales, trim, opts)
+            .map_err(status)?;
         let mut pcm: Option<Pcm> = None;
         while let Some(ev) = session.events.recv().await {
             if let CodecEvent::Audio { pcm: p, .. } = ev.map_err(status)? {
@@ -196,9 +277,14 @@ impl pb::codec_server::Codec for CodecService {
                 }
             }
         }
-        let pcm = pcm.ok_or_else(|| status(EngineError::Internal("decoding produced no audio".into())))?;
+        let pcm =
+            pcm.ok_or_else(|| status(EngineError::Internal("decoding produced no audio".into())))?;
         let (audio, format) = encode_audio(&pcm, out_enc)?;
-        Ok(Response::new(pb::DecodeResponse { audio, format: Some(format), num_samples: pcm.frames() as u64 }))
+        Ok(Response::new(pb::DecodeResponse {
+            audio,
+            format: Some(format),
+            num_samples: pcm.frames() as u64,
+        }))
     }
 
     type StreamEncodeStream = BoxStream<pb::EncodeChunk>;
@@ -213,13 +299,21 @@ impl pb::codec_server::Codec for CodecService {
             .message()
             .await?
             .ok_or_else(|| invalid("config", "the stream ended before its first message"))?;
-        let cfg = first.config.ok_or_else(|| invalid("config", "the first message must carry the config"))?;
+        let cfg = first
+            .config
+            .ok_or_else(|| invalid("config", "the first message must carry the config"))?;
         let opts = request_options_meta(opts, cfg.meta.as_ref());
         let model = cfg.model.map(|m| m.name).unwrap_or_default();
-        let format = cfg.format.ok_or_else(|| invalid("config.format", "missing (raw PCM format of the stream)"))?;
+        let format = cfg
+            .format
+            .ok_or_else(|| invalid("config.format", "missing (raw PCM format of the stream)"))?;
         let enc = raw_encoding(format.encoding(), "config.format.encoding")?;
-        let channels = u16::try_from(format.channels)
-            .map_err(|_| invalid("config.format.channels", format!("{} channels is absurd", format.channels)))?;
+        let channels = u16::try_from(format.channels).map_err(|_| {
+            invalid(
+                "config.format.channels",
+                format!("{} channels is absurd", format.channels),
+            )
+        })?;
         let bw = bandwidth(cfg.bandwidth_kbps)?;
         let info = self.engine.codec_info(&model).map_err(status)?;
         let (input, session) = self
@@ -254,7 +348,11 @@ impl pb::codec_server::Codec for CodecService {
                     event: Some(pb::encode_chunk::Event::Codes(codes_to_pb(&codes))),
                     scale: scale.unwrap_or(0.0),
                 }),
-                CodecEvent::Encoded { num_samples, bandwidth_kbps, .. } => Some(pb::EncodeChunk {
+                CodecEvent::Encoded {
+                    num_samples,
+                    bandwidth_kbps,
+                    ..
+                } => Some(pb::EncodeChunk {
                     event: Some(pb::encode_chunk::Event::Done(pb::EncodeResponse {
                         codes: None,
                         scales: vec![],
@@ -282,7 +380,9 @@ impl pb::codec_server::Codec for CodecService {
             .message()
             .await?
             .ok_or_else(|| invalid("config", "the stream ended before its first message"))?;
-        let cfg = first.config.ok_or_else(|| invalid("config", "the first message must carry the config"))?;
+        let cfg = first
+            .config
+            .ok_or_else(|| invalid("config", "the first message must carry the config"))?;
         let opts = request_options_meta(opts, cfg.meta.as_ref());
         let out = raw_output(cfg.output_encoding())?;
         let model = cfg.model.map(|m| m.name).unwrap_or_default();
@@ -314,7 +414,11 @@ impl pb::codec_server::Codec for CodecService {
         Ok(Response::new(forward(session, move |ev| match ev {
             CodecEvent::Audio { start_sample, pcm } => {
                 let (audio, format) = encode_audio(&pcm, out)?;
-                Ok(Some(pb::DecodeChunk { audio, format: Some(format), start_sample }))
+                Ok(Some(pb::DecodeChunk {
+                    audio,
+                    format: Some(format),
+                    start_sample,
+                }))
             }
             _ => Ok(None),
         })))

@@ -64,7 +64,8 @@ impl Config {
         match path {
             None => Self::parse(DEFAULT_CONFIG, None),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
                 Self::parse(&text, p.parent()).map_err(|e| format!("{}: {e}", p.display()))
             }
         }

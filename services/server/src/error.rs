@@ -16,7 +16,12 @@ pub fn status(err: EngineError) -> Status {
         EngineError::Internal(_) => Code::Internal,
     };
     let mut st = Status::new(code, err.to_string());
-    if let EngineError::Overloaded { retry_after, queued, .. } = &err {
+    if let EngineError::Overloaded {
+        retry_after,
+        queued,
+        ..
+    } = &err
+    {
         if let Ok(v) = retry_after.as_secs().max(1).to_string().parse() {
             st.metadata_mut().insert("retry-after", v);
         }
@@ -39,16 +44,30 @@ mod tests {
 
     #[test]
     fn overload_carries_retry_after() {
-        let st = status(EngineError::Overloaded { queued: 3, limit: 3, retry_after: Duration::from_secs(2) });
+        let st = status(EngineError::Overloaded {
+            queued: 3,
+            limit: 3,
+            retry_after: Duration::from_secs(2),
+        });
         assert_eq!(st.code(), Code::ResourceExhausted);
         assert_eq!(st.metadata().get("retry-after").unwrap(), "2");
-        assert!(st.message().contains("3 requests queued"), "{}", st.message());
+        assert!(
+            st.message().contains("3 requests queued"),
+            "{}",
+            st.message()
+        );
     }
 
     #[test]
     fn field_is_named() {
-        let st = status(EngineError::invalid("bandwidth_kbps", "7 kbps is not supported"));
+        let st = status(EngineError::invalid(
+            "bandwidth_kbps",
+            "7 kbps is not supported",
+        ));
         assert_eq!(st.code(), Code::InvalidArgument);
-        assert_eq!(st.message(), "invalid bandwidth_kbps: 7 kbps is not supported");
+        assert_eq!(
+            st.message(),
+            "invalid bandwidth_kbps: 7 kbps is not supported"
+        );
     }
 }

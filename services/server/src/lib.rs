@@ -24,8 +24,11 @@ pub use config::Config;
 pub(crate) fn request_options<T>(request: &Request<T>) -> Result<RequestOptions, Status> {
     let mut opts = RequestOptions::default();
     if let Some(v) = request.metadata().get("grpc-timeout") {
-        let v = v.to_str().map_err(|_| Status::invalid_argument("malformed grpc-timeout header"))?;
-        let d = parse_grpc_timeout(v).ok_or_else(|| Status::invalid_argument(format!("malformed grpc-timeout '{v}'")))?;
+        let v = v
+            .to_str()
+            .map_err(|_| Status::invalid_argument("malformed grpc-timeout header"))?;
+        let d = parse_grpc_timeout(v)
+            .ok_or_else(|| Status::invalid_argument(format!("malformed grpc-timeout '{v}'")))?;
         opts.deadline = Some(Instant::now() + d);
     }
     Ok(opts)
@@ -63,18 +66,28 @@ pub async fn serve(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let models = pb::models_server::ModelsServer::new(models::ModelsService::new(engine.clone()));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cadenza_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cadenza_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Reflection advertises only the services registered below, not every service the
+    // descriptor set defines (the API is defined ahead of its implementations).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cadenza_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(pb::codec_server::SERVICE_NAME)
+            .with_service_name(pb::models_server::SERVICE_NAME)
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    health_reporter.set_serving::<pb::codec_server::CodecServer<codec::CodecService>>().await;
-    health_reporter.set_serving::<pb::models_server::ModelsServer<models::ModelsService>>().await;
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_serving::<pb::codec_server::CodecServer<codec::CodecService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::models_server::ModelsServer<models::ModelsService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -92,12 +105,18 @@ pub async fn serve(
 
     shutdown.await;
     tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight requests");
-    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    health_reporter.set_not_serving::<pb::codec_server::CodecServer<codec::CodecService>>().await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health_reporter
+        .set_not_serving::<pb::codec_server::CodecServer<codec::CodecService>>()
+        .await;
     let _ = stop_tx.send(());
     let drain = Duration::from_secs(cfg.server.drain_timeout_s);
     let result = match tokio::time::timeout(drain, server).await {
-        Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+        Ok(joined) => joined
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r.map_err(anyhow::Error::from)),
         Err(_) => {
             tracing::warn!(?drain, "drain timed out; cancelling remaining sessions");
             Ok(())

@@ -193,14 +193,23 @@ impl Config {
 /// `weight_v`, folded here as `g * v / ||v||` with the norm over all dims but 0, PyTorch's
 /// `weight_norm(dim=0)`), or a plain `weight`.
 fn load_conv_weight(vb: &VarBuilder, shape: (usize, usize, usize)) -> Result<Tensor> {
-    if vb.contains_tensor("weight_g") {
-        let g = vb.get((shape.0, 1, 1), "weight_g")?;
-        let v = vb.get(shape, "weight_v")?;
-        let norm = v.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
-        v.broadcast_mul(&g.broadcast_div(&norm)?)
+    let (g, v) = if vb.contains_tensor("weight_g") {
+        (
+            vb.get((shape.0, 1, 1), "weight_g")?,
+            vb.get(shape, "weight_v")?,
+        )
+    } else if vb.contains_tensor("parametrizations.weight.original0") {
+        // torch.nn.utils.parametrizations.weight_norm names (recent transformers).
+        let p = vb.pp("parametrizations.weight");
+        (
+            p.get((shape.0, 1, 1), "original0")?,
+            p.get(shape, "original1")?,
+        )
     } else {
-        vb.get(shape, "weight")
-    }
+        return vb.get(shape, "weight");
+    };
+    let norm = v.sqr()?.sum_keepdim((1, 2))?.sqrt()?;
+    v.broadcast_mul(&g.broadcast_div(&norm)?)
 }
 
 /// `GroupNorm(1, C)` over (C, T) of each batch item (the reference's "time group norm").

@@ -1,0 +1,322 @@
+//! Pre-norm transformer decoder layers for codec-token LMs: causal self-attention with a
+//! preallocated KV cache and fused QKV projection, cross-attention whose K/V are computed once
+//! per session, and a two-layer feed-forward block.
+//!
+//! Two checkpoint layouts load into the same structs (the loader is the key map):
+//! - Hugging Face `MusicgenDecoderLayer`: `self_attn.{q,k,v,out}_proj`, `self_attn_layer_norm`,
+//!   `encoder_attn.{q,k,v,out}_proj`, `encoder_attn_layer_norm`, `fc1`, `fc2`,
+//!   `final_layer_norm` (transformers `models/musicgen/modeling_musicgen.py`);
+//! - audiocraft `StreamingTransformerLayer`: `self_attn.in_proj_weight`, `self_attn.out_proj`,
+//!   `norm1`, `cross_attention.in_proj_weight`, `cross_attention.out_proj`, `norm_cross`,
+//!   `linear1`, `linear2`, `norm2` (`audiocraft/modules/transformer.py`).
+
+use candle_core::{D, DType, Device, Module, Result, Tensor, bail};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+/// Which checkpoint layout to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStyle {
+    /// transformers' MusicGen names.
+    HuggingFace,
+    /// audiocraft's names.
+    Audiocraft,
+}
+
+/// Shape and options of a decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerConfig {
+    /// Model width.
+    pub dim: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Feed-forward width.
+    pub ffn_dim: usize,
+    /// Bias in attention projections.
+    pub bias_attn: bool,
+    /// Bias in feed-forward projections.
+    pub bias_ff: bool,
+    /// LayerNorm epsilon.
+    pub norm_eps: f64,
+    /// Whether the layer has cross-attention.
+    pub cross_attention: bool,
+    /// Checkpoint layout.
+    pub style: KeyStyle,
+}
+
+fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((o, i), "weight")?;
+    let b = if bias { Some(vb.get(o, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(dim, "weight")?,
+        vb.get(dim, "bias")?,
+        eps,
+    ))
+}
+
+/// Q, K and V projections fused into one matrix (`[3 * dim, dim]`).
+fn fused_qkv(cfg: &LayerConfig, vb: &VarBuilder) -> Result<Linear> {
+    let d = cfg.dim;
+    match cfg.style {
+        KeyStyle::HuggingFace => {
+            let names = ["q_proj", "k_proj", "v_proj"];
+            let ws = names
+                .iter()
+                .map(|n| vb.pp(n).get((d, d), "weight"))
+                .collect::<Result<Vec<_>>>()?;
+            let w = Tensor::cat(&ws, 0)?;
+            let b = if cfg.bias_attn {
+                let bs = names
+                    .iter()
+                    .map(|n| vb.pp(n).get(d, "bias"))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&bs, 0)?)
+            } else {
+                None
+            };
+            Ok(Linear::new(w, b))
+        }
+        KeyStyle::Audiocraft => {
+            let w = vb.get((3 * d, d), "in_proj_weight")?;
+            let b = if cfg.bias_attn {
+                Some(vb.get(3 * d, "in_proj_bias")?)
+            } else {
+                None
+            };
+            Ok(Linear::new(w, b))
+        }
+    }
+}
+
+/// Multi-head attention with fused projections.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LayerConfig, vb: VarBuilder) -> Result<Self> {
+        let out_name = "out_proj";
+        Ok(Self {
+            qkv: fused_qkv(cfg, &vb)?,
+            out: linear(cfg.dim, cfg.dim, cfg.bias_attn, vb.pp(out_name))?,
+            heads: cfg.heads,
+            head_dim: cfg.dim / cfg.heads,
+        })
+    }
+
+    /// (B, T, D) → (B, H, T, Dh)
+    fn split(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let mut w = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            w = w.broadcast_add(m)?;
+        }
+        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        let o = w.matmul(v)?; // (B, H, T, Dh)
+        let (b, h, t, dh) = o.dims4()?;
+        self.out
+            .forward(&o.transpose(1, 2)?.reshape((b, t, h * dh))?)
+    }
+}
+
+/// Self-attention KV cache, preallocated to the session's maximum length.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvCache {
+    /// A cache for `batch` rows of up to `max_len` positions.
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        // Two allocations: `slice_set` writes in place, so K and V must not share storage.
+        let shape = (batch, heads, max_len, head_dim);
+        Ok(Self {
+            k: Tensor::zeros(shape, DType::F32, dev)?,
+            v: Tensor::zeros(shape, DType::F32, dev)?,
+            len: 0,
+        })
+    }
+
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let max = self.k.dim(2)?;
+        if self.len + t > max {
+            bail!("KV cache full: {} + {t} > {max} positions", self.len)
+        }
+        self.k.slice_set(k, 2, self.len)?;
+        self.v.slice_set(v, 2, self.len)?;
+        self.len += t;
+        Ok((
+            self.k.narrow(2, 0, self.len)?,
+            self.v.narrow(2, 0, self.len)?,
+        ))
+    }
+}
+
+/// Cross-attention keys and values of the conditioning, computed once per session.
+#[derive(Debug, Clone)]
+pub struct CrossKv {
+    k: Tensor,
+    v: Tensor,
+    /// Additive mask (B, 1, 1, L): 0 for real tokens, a large negative for padding.
+    mask: Option<Tensor>,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    norm_self: LayerNorm,
+    self_attn: Attention,
+    cross: Option<(LayerNorm, Attention)>,
+    norm_ff: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl DecoderLayer {
+    /// Loads one layer in `cfg.style` names.
+    pub fn new(cfg: &LayerConfig, vb: VarBuilder) -> Result<Self> {
+        let (n_self, sa, n_cross, ca, n_ff, l1, l2) = match cfg.style {
+            KeyStyle::HuggingFace => (
+                "self_attn_layer_norm",
+                "self_attn",
+                "encoder_attn_layer_norm",
+                "encoder_attn",
+                "final_layer_norm",
+                "fc1",
+                "fc2",
+            ),
+            KeyStyle::Audiocraft => (
+                "norm1",
+                "self_attn",
+                "norm_cross",
+                "cross_attention",
+                "norm2",
+                "linear1",
+                "linear2",
+            ),
+        };
+        let cross = if cfg.cross_attention {
+            Some((
+                layer_norm(cfg.dim, cfg.norm_eps, vb.pp(n_cross))?,
+                Attention::new(cfg, vb.pp(ca))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            norm_self: layer_norm(cfg.dim, cfg.norm_eps, vb.pp(n_self))?,
+            self_attn: Attention::new(cfg, vb.pp(sa))?,
+            cross,
+            norm_ff: layer_norm(cfg.dim, cfg.norm_eps, vb.pp(n_ff))?,
+            fc1: linear(cfg.dim, cfg.ffn_dim, cfg.bias_ff, vb.pp(l1))?,
+            fc2: linear(cfg.ffn_dim, cfg.dim, cfg.bias_ff, vb.pp(l2))?,
+        })
+    }
+
+    /// Precomputes the cross-attention K/V of `cond` (B, L, D) with an optional (B, L) mask of
+    /// 1 (keep) / 0 (padding).
+    pub fn cross_kv(&self, cond: &Tensor, mask: Option<&Tensor>) -> Result<Option<CrossKv>> {
+        let Some((_, attn)) = &self.cross else {
+            return Ok(None);
+        };
+        let d = cond.dim(D::Minus1)?;
+        // K and V rows of the fused projection.
+        let w = attn.qkv.weight();
+        let kv_w = w.narrow(0, d, 2 * d)?;
+        let kv = cond.broadcast_matmul(&kv_w.t()?)?;
+        let kv = match attn.qkv.bias() {
+            Some(b) => kv.broadcast_add(&b.narrow(0, d, 2 * d)?)?,
+            None => kv,
+        };
+        let k = attn.split(&kv.narrow(D::Minus1, 0, d)?)?;
+        let v = attn.split(&kv.narrow(D::Minus1, d, d)?)?;
+        let mask = match mask {
+            Some(m) => {
+                let (b, l) = m.dims2()?;
+                // (1 - m) * -1e9: fully masked rows (the unconditional CFG branch) stay finite.
+                let add = ((m.to_dtype(DType::F32)? - 1.0)? * 1e9)?;
+                Some(add.reshape((b, 1, 1, l))?)
+            }
+            None => None,
+        };
+        Ok(Some(CrossKv { k, v, mask }))
+    }
+
+    /// Runs `x` (B, T, D) at positions `cache.len()..`; `self_mask` is the causal mask for T > 1.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        cross: Option<&CrossKv>,
+        self_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let h = self.norm_self.forward(x)?;
+        let qkv = self.self_attn.qkv.forward(&h)?;
+        let q = self.self_attn.split(&qkv.narrow(D::Minus1, 0, d)?)?;
+        let k = self.self_attn.split(&qkv.narrow(D::Minus1, d, d)?)?;
+        let v = self.self_attn.split(&qkv.narrow(D::Minus1, 2 * d, d)?)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let x = (x + self.self_attn.attend(&q, &k, &v, self_mask)?)?;
+        let x = match (&self.cross, cross) {
+            (Some((norm, attn)), Some(kv)) => {
+                let h = norm.forward(&x)?;
+                let wq = attn.qkv.weight().narrow(0, 0, d)?;
+                let q = h.broadcast_matmul(&wq.t()?)?;
+                let q = match attn.qkv.bias() {
+                    Some(b) => q.broadcast_add(&b.narrow(0, 0, d)?)?,
+                    None => q,
+                };
+                let q = attn.split(&q)?;
+                (&x + attn.attend(&q, &kv.k, &kv.v, kv.mask.as_ref())?)?
+            }
+            (Some(_), None) => bail!("this layer needs cross-attention conditioning"),
+            _ => x,
+        };
+        let h = self.norm_ff.forward(&x)?;
+        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?;
+        x + h
+    }
+}
+
+/// Causal additive mask for `t` new positions after `past` cached ones: (t, past + t).
+pub fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+    let total = past + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (t, total), dev)
+}

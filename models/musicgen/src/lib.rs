@@ -1,0 +1,542 @@
+//! MusicGen: a transformer LM over EnCodec tokens with the delay codebook pattern, conditioned on
+//! text through a T5 encoder and cross-attention, sampled with classifier-free guidance.
+//!
+//! Paper: Copet et al., "Simple and Controllable Music Generation", arXiv 2306.05284.
+//! Reference followed here: transformers `models/musicgen/modeling_musicgen.py` (5.24)
+//! <https://github.com/huggingface/transformers/blob/main/src/transformers/models/musicgen/modeling_musicgen.py>;
+//! the audiocraft `LMModel` uses the same computation with other key names.
+//! Parity is tested against `tools/fixtures/musicgen.py` fixtures in `tests/parity.rs`.
+//!
+//! A [`MusicGen`] holds the shared weights; a [`Generation`] is one session's state (KV caches,
+//! cross-attention K/V, RNG, the token grid) advanced one step at a time by [`Generation::step`],
+//! so a worker can interleave and cancel sessions between steps.
+
+pub mod t5;
+
+use std::path::Path;
+
+use cadenza_codecs::Encodec;
+use cadenza_nn::patterns::DelayPattern;
+use cadenza_nn::positions::sinusoidal;
+use cadenza_nn::sampling::{Rng, SamplingParams, cfg_combine, sample};
+use cadenza_nn::transformer::{CrossKv, DecoderLayer, KeyStyle, KvCache, LayerConfig, causal_mask};
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, bail};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+pub use t5::{T5Config, T5Encoder};
+
+/// transformers' `MusicgenDecoderConfig` fields used here.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderConfig {
+    pub vocab_size: usize,
+    pub num_codebooks: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub ffn_dim: usize,
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+    #[serde(default)]
+    pub scale_embedding: bool,
+    #[serde(default = "one")]
+    pub audio_channels: usize,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// transformers' `MusicgenConfig` (`config.json` of a `MusicgenForConditionalGeneration`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub text_encoder: T5Config,
+    pub audio_encoder: cadenza_codecs::EncodecConfig,
+    pub decoder: DecoderConfig,
+}
+
+/// Default generation settings (`generation_config.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerationDefaults {
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f32,
+    #[serde(default = "default_max_len")]
+    pub max_length: usize,
+}
+
+fn default_guidance() -> f32 {
+    3.0
+}
+fn default_max_len() -> usize {
+    1500
+}
+
+impl Default for GenerationDefaults {
+    fn default() -> Self {
+        Self {
+            guidance_scale: default_guidance(),
+            max_length: default_max_len(),
+        }
+    }
+}
+
+/// The LM: per-codebook embeddings (vocab + 1 rows: the extra one is the BOS/pad token),
+/// sinusoidal positions, pre-norm layers with cross-attention, a final norm, per-codebook heads.
+#[derive(Debug, Clone)]
+pub struct Lm {
+    embeds: Vec<Embedding>,
+    layers: Vec<DecoderLayer>,
+    norm: LayerNorm,
+    heads: Vec<Linear>,
+    dim: usize,
+    n_heads: usize,
+    card: usize,
+    embed_scale: f64,
+}
+
+impl Lm {
+    /// Loads the Hugging Face layout (`model.decoder.*`, `lm_heads.*`) from `vb` at the
+    /// `MusicgenForCausalLM` root.
+    pub fn new_hf(cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.activation_function != "gelu" {
+            bail!(
+                "musicgen: activation '{}' is not supported (gelu)",
+                cfg.activation_function
+            )
+        }
+        if cfg.audio_channels != 1 {
+            bail!("musicgen: stereo checkpoints (audio_channels = 2) are not supported yet")
+        }
+        let dec = vb.pp("model.decoder");
+        let (d, k, v) = (cfg.hidden_size, cfg.num_codebooks, cfg.vocab_size);
+        let embeds = (0..k)
+            .map(|i| {
+                Ok(Embedding::new(
+                    dec.pp("embed_tokens").pp(i).get((v + 1, d), "weight")?,
+                    d,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lc = LayerConfig {
+            dim: d,
+            heads: cfg.num_attention_heads,
+            ffn_dim: cfg.ffn_dim,
+            bias_attn: false,
+            bias_ff: false,
+            norm_eps: 1e-5,
+            cross_attention: true,
+            style: KeyStyle::HuggingFace,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&lc, dec.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let ln = dec.pp("layer_norm");
+        let norm = LayerNorm::new(ln.get(d, "weight")?, ln.get(d, "bias")?, 1e-5);
+        let heads = (0..k)
+            .map(|i| {
+                Ok(Linear::new(
+                    vb.pp("lm_heads").pp(i).get((v, d), "weight")?,
+                    None,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeds,
+            layers,
+            norm,
+            heads,
+            dim: d,
+            n_heads: cfg.num_attention_heads,
+            card: v,
+            embed_scale: if cfg.scale_embedding {
+                (d as f64).sqrt()
+            } else {
+                1.0
+            },
+        })
+    }
+
+    /// Codebooks.
+    pub fn num_codebooks(&self) -> usize {
+        self.embeds.len()
+    }
+
+    /// Tokens per codebook (the special BOS/pad token is `card`).
+    pub fn card(&self) -> usize {
+        self.card
+    }
+
+    /// Fresh caches for `batch` rows and `max_len` positions.
+    pub fn caches(&self, batch: usize, max_len: usize, dev: &Device) -> Result<Vec<KvCache>> {
+        let hd = self.dim / self.n_heads;
+        (0..self.layers.len())
+            .map(|_| KvCache::new(batch, self.n_heads, hd, max_len, dev))
+            .collect()
+    }
+
+    /// Cross-attention K/V for every layer from conditioning (B, L, D) and its (B, L) mask.
+    pub fn cross(&self, cond: &Tensor, mask: &Tensor) -> Result<Vec<CrossKv>> {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.cross_kv(cond, Some(mask))?
+                    .ok_or_else(|| candle_core::Error::Msg("no cross-attention".into()))
+            })
+            .collect()
+    }
+
+    /// Logits (B, K, T, card) for tokens (B, K, T) at positions `caches[0].len()..`.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        caches: &mut [KvCache],
+        cross: &[CrossKv],
+    ) -> Result<Tensor> {
+        let (b, k, t) = tokens.dims3()?;
+        if k != self.embeds.len() {
+            bail!(
+                "musicgen: {k} codebooks given, the model has {}",
+                self.embeds.len()
+            )
+        }
+        let past = caches.first().map_or(0, KvCache::len);
+        let dev = tokens.device();
+        let mut x = self.embeds[0].forward(&tokens.i((.., 0, ..))?)?;
+        for (i, e) in self.embeds.iter().enumerate().skip(1) {
+            x = (x + e.forward(&tokens.i((.., i, ..))?)?)?;
+        }
+        if self.embed_scale != 1.0 {
+            x = (x * self.embed_scale)?;
+        }
+        let pos = sinusoidal(past, t, self.dim, 10000.0, dev)?;
+        x = x.broadcast_add(&pos.unsqueeze(0)?)?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, past, dev)?)
+        } else {
+            None
+        };
+        for ((layer, cache), kv) in self.layers.iter().zip(caches.iter_mut()).zip(cross) {
+            x = layer.forward(&x, cache, Some(kv), mask.as_ref())?;
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = self
+            .heads
+            .iter()
+            .map(|h| h.forward(&x))
+            .collect::<Result<Vec<_>>>()?;
+        let _ = b;
+        Tensor::stack(&logits, 1)
+    }
+}
+
+/// A loaded MusicGen: text encoder (+ tokenizer), LM and codec.
+#[derive(Debug, Clone)]
+pub struct MusicGen {
+    pub t5: T5Encoder,
+    pub tokenizer: Option<std::sync::Arc<tokenizers::Tokenizer>>,
+    pub enc_to_dec_proj: Option<Linear>,
+    pub lm: Lm,
+    pub codec: Encodec,
+    pub pattern: DelayPattern,
+    pub defaults: GenerationDefaults,
+    device: Device,
+}
+
+/// Loading and generation errors surface as candle errors with a message.
+fn msg(s: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Msg(s.into())
+}
+
+impl MusicGen {
+    /// Loads a Hugging Face `MusicgenForConditionalGeneration` directory: `config.json`,
+    /// `model.safetensors`, optional `generation_config.json` and `tokenizer.json`.
+    pub fn load_hf(dir: &Path, device: &Device) -> Result<Self> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map_err(|e| msg(format!("{}: {e}", dir.join(f).display())))
+        };
+        let cfg: Config = serde_json::from_str(&read("config.json")?)
+            .map_err(|e| msg(format!("musicgen config.json: {e}")))?;
+        let defaults = match read("generation_config.json") {
+            Ok(t) => {
+                serde_json::from_str(&t).map_err(|e| msg(format!("generation_config.json: {e}")))?
+            }
+            Err(_) => GenerationDefaults::default(),
+        };
+        let tokenizer = match dir.join("tokenizer.json") {
+            p if p.exists() => Some(std::sync::Arc::new(
+                tokenizers::Tokenizer::from_file(&p)
+                    .map_err(|e| msg(format!("{}: {e}", p.display())))?,
+            )),
+            _ => None,
+        };
+        let mut tensors = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
+        for v in tensors.values_mut() {
+            if v.dtype() != DType::F32 {
+                *v = v.to_dtype(DType::F32)?;
+            }
+        }
+        let codec_tensors = tensors
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("audio_encoder.")
+                    .map(|s| (s.to_string(), v.clone()))
+            })
+            .collect();
+        let codec = Encodec::from_tensors(&cfg.audio_encoder, codec_tensors, device)?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let t5 = T5Encoder::new(&cfg.text_encoder, vb.pp("text_encoder"))?;
+        let lm = Lm::new_hf(&cfg.decoder, vb.pp("decoder"))?;
+        let enc_to_dec_proj = if vb.contains_tensor("enc_to_dec_proj.weight") {
+            let p = vb.pp("enc_to_dec_proj");
+            let (o, i) = (cfg.decoder.hidden_size, cfg.text_encoder.d_model);
+            Some(Linear::new(
+                p.get((o, i), "weight")?,
+                Some(p.get(o, "bias")?),
+            ))
+        } else {
+            None
+        };
+        if codec.config().num_quantizers() < cfg.decoder.num_codebooks {
+            bail!(
+                "musicgen: the codec has {} codebooks, the LM needs {}",
+                codec.config().num_quantizers(),
+                cfg.decoder.num_codebooks
+            )
+        }
+        Ok(Self {
+            t5,
+            tokenizer,
+            enc_to_dec_proj,
+            pattern: DelayPattern::musicgen(cfg.decoder.num_codebooks),
+            lm,
+            codec,
+            defaults,
+            device: device.clone(),
+        })
+    }
+
+    /// Token frames per second.
+    pub fn frame_rate(&self) -> f64 {
+        self.codec.config().sampling_rate as f64 / self.codec.config().hop_length() as f64
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Tokenizes prompts (padded right with 0) into (ids, mask), each (B, L).
+    pub fn tokenize(&self, prompts: &[&str]) -> Result<(Tensor, Tensor)> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| msg("this model directory has no tokenizer.json"))?;
+        let encs = prompts
+            .iter()
+            .map(|p| {
+                tok.encode(*p, true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| msg(e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let l = encs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = vec![0u32; prompts.len() * l];
+        let mut mask = vec![0u32; prompts.len() * l];
+        for (b, e) in encs.iter().enumerate() {
+            for (i, &t) in e.iter().enumerate() {
+                ids[b * l + i] = t;
+                mask[b * l + i] = 1;
+            }
+        }
+        Ok((
+            Tensor::from_vec(ids, (prompts.len(), l), &self.device)?,
+            Tensor::from_vec(mask, (prompts.len(), l), &self.device)?,
+        ))
+    }
+
+    /// Conditioning for the LM: T5 states, projected, multiplied by the mask (as the reference
+    /// does before cross-attention).
+    pub fn condition(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self.t5.forward(ids, mask)?;
+        let h = match &self.enc_to_dec_proj {
+            Some(p) => p.forward(&h)?,
+            None => h,
+        };
+        h.broadcast_mul(&mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?)
+    }
+}
+
+/// What a generation request asks for.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Frames to generate (after any prompt).
+    pub frames: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// CFG coefficient; 1 (or less) disables CFG.
+    pub guidance: f32,
+    /// RNG seed.
+    pub seed: u64,
+    /// Codes `[K][T0]` to continue from (their frames are forced, not sampled).
+    pub prompt: Option<Vec<Vec<u32>>>,
+}
+
+/// One session of MusicGen generation.
+#[derive(Debug)]
+pub struct Generation {
+    caches: Vec<KvCache>,
+    cross: Vec<CrossKv>,
+    /// Per codebook, the frames decided so far (prompt + generated).
+    frames: Vec<Vec<u32>>,
+    total_frames: usize,
+    prompt_frames: usize,
+    step: usize,
+    cfg: bool,
+    params: GenerateParams,
+    rng: Rng,
+    /// Guided logits of the last step, `[K][card]` (for parity checks).
+    pub last_logits: Vec<Vec<f32>>,
+}
+
+/// What one step produced.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    /// A frame (one code per codebook) that became complete with this step.
+    pub completed: Option<Vec<u32>>,
+}
+
+impl Generation {
+    /// Starts a session for one prompt's conditioning `cond` (1, L, D) with mask (1, L).
+    pub fn new(
+        model: &MusicGen,
+        cond: &Tensor,
+        mask: &Tensor,
+        params: GenerateParams,
+    ) -> Result<Self> {
+        let k = model.lm.num_codebooks();
+        let prompt_frames = params
+            .prompt
+            .as_ref()
+            .map_or(0, |p| p.first().map_or(0, Vec::len));
+        if let Some(p) = &params.prompt {
+            if p.len() != k || p.iter().any(|r| r.len() != prompt_frames) {
+                bail!("musicgen: the prompt must have {k} codebooks of equal length")
+            }
+            if p.iter().flatten().any(|&c| c as usize >= model.lm.card()) {
+                bail!("musicgen: prompt codes must be below {}", model.lm.card())
+            }
+        }
+        let total_frames = prompt_frames + params.frames;
+        let cfg = params.guidance > 1.0;
+        let (cond, mask) = if cfg {
+            // The unconditional branch: zero conditioning with a zero mask (transformers
+            // `_prepare_text_encoder_kwargs_for_generation`).
+            (
+                Tensor::cat(&[cond, &cond.zeros_like()?], 0)?,
+                Tensor::cat(&[mask, &mask.zeros_like()?], 0)?,
+            )
+        } else {
+            (cond.clone(), mask.clone())
+        };
+        let rows = if cfg { 2 } else { 1 };
+        let steps = model.pattern.steps_for(total_frames);
+        Ok(Self {
+            caches: model.lm.caches(rows, steps + 1, model.device())?,
+            cross: model.lm.cross(&cond, &mask)?,
+            frames: vec![Vec::with_capacity(total_frames); k],
+            total_frames,
+            prompt_frames,
+            step: 0,
+            cfg,
+            rng: Rng::new(params.seed),
+            params,
+            last_logits: Vec::new(),
+        })
+    }
+
+    /// Steps in all.
+    pub fn total_steps(&self, model: &MusicGen) -> usize {
+        model.pattern.steps_for(self.total_frames)
+    }
+
+    /// Steps done.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// True when every frame is decided.
+    pub fn is_done(&self, model: &MusicGen) -> bool {
+        self.step >= self.total_steps(model)
+    }
+
+    /// Frames of prompt (not generated).
+    pub fn prompt_frames(&self) -> usize {
+        self.prompt_frames
+    }
+
+    /// The frames decided so far, per codebook.
+    pub fn frames(&self) -> &[Vec<u32>] {
+        &self.frames
+    }
+
+    /// Runs one LM step: feeds the input column of the delay pattern, samples every codebook
+    /// whose frame this step predicts, and reports the frame completed by this step.
+    pub fn step(&mut self, model: &MusicGen) -> Result<StepOutput> {
+        if self.is_done(model) {
+            bail!("musicgen: generation already finished")
+        }
+        let k = model.lm.num_codebooks();
+        let card = model.lm.card() as u32;
+        let s = self.step;
+        let col: Vec<u32> = (0..k)
+            .map(|q| {
+                model
+                    .pattern
+                    .input_frame_at(q, s)
+                    .and_then(|t| self.frames[q].get(t).copied())
+                    .unwrap_or(card)
+            })
+            .collect();
+        let rows = if self.cfg { 2 } else { 1 };
+        let input: Vec<u32> = (0..rows).flat_map(|_| col.iter().copied()).collect();
+        let input = Tensor::from_vec(input, (rows, k, 1), model.device())?;
+        let logits = model.lm.forward(&input, &mut self.caches, &self.cross)?; // (rows, K, 1, card)
+        let logits = logits.squeeze(2)?.to_vec3::<f32>()?;
+        let mut guided = Vec::with_capacity(k);
+        for q in 0..k {
+            let row = if self.cfg {
+                let mut out = vec![0f32; card as usize];
+                cfg_combine(&logits[0][q], &logits[1][q], self.params.guidance, &mut out);
+                out
+            } else {
+                logits[0][q].clone()
+            };
+            if let Some(t) = model.pattern.frame_at(q, s, self.total_frames) {
+                let tok = if t < self.prompt_frames {
+                    self.params.prompt.as_ref().map_or(0, |p| p[q][t])
+                } else {
+                    sample(&row, &self.params.sampling, &mut self.rng) as u32
+                };
+                debug_assert_eq!(self.frames[q].len(), t);
+                self.frames[q].push(tok);
+            }
+            guided.push(row);
+        }
+        self.last_logits = guided;
+        self.step += 1;
+        let completed = model
+            .pattern
+            .completed_by(s, self.total_frames)
+            .map(|t| (0..k).map(|q| self.frames[q][t]).collect());
+        Ok(StepOutput { completed })
+    }
+}

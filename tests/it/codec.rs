@@ -257,16 +257,35 @@ async fn list_models() -> Result<()> {
         .into_inner()
         .models;
     let names: Vec<_> = all.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names, ["causal24", "default", "noncausal32", "norm48"]);
+    assert_eq!(
+        names,
+        ["causal24", "default", "musicgen", "noncausal32", "norm48"]
+    );
     let d = all.iter().find(|m| m.name == "default").unwrap();
     assert!(d.untrained);
     assert!(d.card.contains("random weights"), "{}", d.card);
     assert_eq!(d.source, "embedded:encodec-tiny-untrained");
     let n48 = all.iter().find(|m| m.name == "norm48").unwrap();
     assert_eq!((n48.sample_rate_hz, n48.channels), (48000, 2));
-    let none = m
+    let music = m
         .list_models(pb::ListModelsRequest {
             kind: "music".into(),
+        })
+        .await?
+        .into_inner()
+        .models;
+    assert_eq!(music.len(), 1);
+    assert_eq!(
+        (
+            music[0].architecture.as_str(),
+            music[0].num_codebooks,
+            music[0].sample_rate_hz
+        ),
+        ("musicgen", 4, 32000)
+    );
+    let none = m
+        .list_models(pb::ListModelsRequest {
+            kind: "speech".into(),
         })
         .await?
         .into_inner()

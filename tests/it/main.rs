@@ -1,10 +1,12 @@
 //! End-to-end tests: a real server on `127.0.0.1:0`, real tonic clients.
 //!
 //! Modules: `codec` (round trips and parity through the server), `errors` (every bad input
-//! gets a clear status), `ops` (health, reflection, overload, cancellation, shutdown).
+//! gets a clear status), `music` (streamed generation, parity, validation), `ops` (health,
+//! reflection, overload, cancellation, shutdown).
 
 mod codec;
 mod errors;
+mod music;
 mod ops;
 
 use std::collections::HashMap;
@@ -68,10 +70,16 @@ source = "{n48}"
 name = "default"
 kind = "codec"
 source = "embedded:encodec-tiny-untrained"
+
+[[models]]
+name = "musicgen"
+kind = "music"
+source = "{mg}"
 "#,
         c24 = f.join("causal24").display(),
         n32 = f.join("noncausal32").display(),
         n48 = f.join("norm48").display(),
+        mg = f.join("../musicgen/hf-tiny").display(),
     )
 }
 

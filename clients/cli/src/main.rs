@@ -2,6 +2,7 @@
 
 mod codec_cmd;
 mod codes_file;
+mod music_cmd;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         action: codec_cmd::CodecAction,
     },
+    /// Text-to-music: generate a WAV from a description (streams while it generates).
+    Music(music_cmd::MusicArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -189,6 +192,7 @@ async fn run() -> Result<()> {
         }
         Command::Models(args) => codec_cmd::list_models(&args).await,
         Command::Codec { action } => codec_cmd::run(action).await,
+        Command::Music(args) => music_cmd::run(args).await,
         Command::Bench {
             action:
                 BenchAction::Codec {

@@ -99,7 +99,6 @@ pub struct Lm {
     dim: usize,
     n_heads: usize,
     card: usize,
-    embed_scale: f64,
 }
 
 impl Lm {
@@ -155,12 +154,9 @@ impl Lm {
             heads,
             dim: d,
             n_heads: cfg.num_attention_heads,
+            // transformers 5.24 computes `embed_scale` from `scale_embedding` but never applies
+            // it (modeling_musicgen.py, MusicgenDecoder.__init__/forward); neither do we.
             card: v,
-            embed_scale: if cfg.scale_embedding {
-                (d as f64).sqrt()
-            } else {
-                1.0
-            },
         })
     }
 
@@ -213,9 +209,6 @@ impl Lm {
         for (i, e) in self.embeds.iter().enumerate().skip(1) {
             x = (x + e.forward(&tokens.i((.., i, ..))?)?)?;
         }
-        if self.embed_scale != 1.0 {
-            x = (x * self.embed_scale)?;
-        }
         let pos = sinusoidal(past, t, self.dim, 10000.0, dev)?;
         x = x.broadcast_add(&pos.unsqueeze(0)?)?;
         let mask = if t > 1 {
@@ -247,6 +240,8 @@ pub struct MusicGen {
     pub codec: Encodec,
     pub pattern: DelayPattern,
     pub defaults: GenerationDefaults,
+    /// Weights in the checkpoint.
+    pub num_parameters: usize,
     device: Device,
 }
 
@@ -263,27 +258,52 @@ impl MusicGen {
             std::fs::read_to_string(dir.join(f))
                 .map_err(|e| msg(format!("{}: {e}", dir.join(f).display())))
         };
-        let cfg: Config = serde_json::from_str(&read("config.json")?)
+        let tokenizer = std::fs::read(dir.join("tokenizer.json")).ok();
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
+        Self::from_parts(
+            &read("config.json")?,
+            read("generation_config.json").ok().as_deref(),
+            tokenizer.as_deref(),
+            tensors,
+            device,
+        )
+    }
+
+    /// Builds the model from the files of a Hugging Face directory, already read.
+    pub fn from_parts(
+        config_json: &str,
+        generation_config_json: Option<&str>,
+        tokenizer_json: Option<&[u8]>,
+        mut tensors: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg: Config = serde_json::from_str(config_json)
             .map_err(|e| msg(format!("musicgen config.json: {e}")))?;
-        let defaults = match read("generation_config.json") {
-            Ok(t) => {
-                serde_json::from_str(&t).map_err(|e| msg(format!("generation_config.json: {e}")))?
+        let defaults = match generation_config_json {
+            Some(t) => {
+                serde_json::from_str(t).map_err(|e| msg(format!("generation_config.json: {e}")))?
             }
-            Err(_) => GenerationDefaults::default(),
+            None => GenerationDefaults::default(),
         };
-        let tokenizer = match dir.join("tokenizer.json") {
-            p if p.exists() => Some(std::sync::Arc::new(
-                tokenizers::Tokenizer::from_file(&p)
-                    .map_err(|e| msg(format!("{}: {e}", p.display())))?,
+        let tokenizer = match tokenizer_json {
+            Some(b) => Some(std::sync::Arc::new(
+                tokenizers::Tokenizer::from_bytes(b)
+                    .map_err(|e| msg(format!("tokenizer.json: {e}")))?,
             )),
-            _ => None,
+            None => None,
         };
-        let mut tensors = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
         for v in tensors.values_mut() {
             if v.dtype() != DType::F32 {
                 *v = v.to_dtype(DType::F32)?;
             }
         }
+        let num_parameters = tensors
+            .iter()
+            .filter(|(k, _)| {
+                !(k.ends_with("embed_avg") || k.ends_with("cluster_size") || k.ends_with("inited"))
+            })
+            .map(|(_, v)| v.elem_count())
+            .sum();
         let codec_tensors = tensors
             .iter()
             .filter_map(|(k, v)| {
@@ -320,6 +340,7 @@ impl MusicGen {
             lm,
             codec,
             defaults,
+            num_parameters,
             device: device.clone(),
         })
     }

@@ -1,7 +1,6 @@
 //! Codec sessions: encode audio to codes and decode codes to audio, one bounded step at a time,
 //! with the model's exact streaming encoder/decoder (so chunked work equals whole-signal work).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,12 +11,10 @@ use tokio::sync::mpsc;
 
 use crate::error::EngineError;
 
-/// Where a task sends its events, and where its terminal error goes.
-pub(crate) type Output = (
-    mpsc::Sender<Result<CodecEvent, EngineError>>,
-    crate::TerminalSlot,
-);
+/// Where a codec task sends its events, and where its terminal error goes.
+pub(crate) type Output = crate::session::Output<CodecEvent>;
 use crate::registry::CodecModel;
+use crate::session::Base;
 use crate::worker::{Step, Task};
 
 /// Audio given to the engine.
@@ -60,7 +57,7 @@ impl Codes {
         )?)
     }
 
-    fn from_tensor(t: &Tensor) -> Result<Self, EngineError> {
+    pub(crate) fn from_tensor(t: &Tensor) -> Result<Self, EngineError> {
         let (q, f) = t.dims2()?;
         Ok(Self {
             num_codebooks: q,
@@ -166,110 +163,14 @@ pub enum StreamInput<T> {
     End,
 }
 
-/// Output side shared by all codec tasks: an outbox that never blocks the worker.
-pub(crate) struct Outbox {
-    tx: mpsc::Sender<Result<CodecEvent, EngineError>>,
-    pending: VecDeque<Result<CodecEvent, EngineError>>,
-    terminal: crate::TerminalSlot,
-}
-
-impl Outbox {
-    fn push(&mut self, ev: CodecEvent) {
-        self.pending.push_back(Ok(ev));
-    }
-
-    /// Sends what it can; true when nothing is left pending.
-    fn flush(&mut self) -> bool {
-        while let Some(ev) = self.pending.pop_front() {
-            match self.tx.try_send(ev) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(ev)) => {
-                    self.pending.push_front(ev);
-                    return false;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.pending.clear();
-                    return true;
-                }
-            }
-        }
-        true
-    }
-
-    /// Ends the session with `err`. The error goes to the terminal slot, not the channel: the
-    /// channel may be full (that is why a slow consumer is failed), and the receiver reports
-    /// the slot's error once it has drained what was already sent.
-    fn fail(&mut self, err: EngineError) {
-        self.pending.clear();
-        self.terminal.set(err);
-    }
-}
-
-/// Common pieces of a codec task.
-struct Base {
-    label: String,
-    out: Outbox,
-    deadline: Option<Instant>,
-    finished: bool,
-}
-
-impl Base {
-    fn new(label: String, out: Output, deadline: Option<Instant>) -> Self {
-        let (tx, terminal) = out;
-        Self {
-            label,
-            out: Outbox {
-                tx,
-                pending: VecDeque::new(),
-                terminal,
-            },
-            deadline,
-            finished: false,
-        }
-    }
-
-    /// Before a step: deliver pending output and enforce the deadline.
-    fn pre_step(&mut self) -> Option<Step> {
-        if !self.out.flush() {
-            return Some(Step::Blocked);
-        }
-        if self.finished {
-            return Some(Step::Done);
-        }
-        if self.deadline.is_some_and(|d| Instant::now() > d) {
-            self.out.fail(EngineError::DeadlineExceeded(
-                "the request's deadline passed while it ran".into(),
-            ));
-            return Some(Step::Done);
-        }
-        None
-    }
-
-    /// After a step that may have produced output.
-    fn post_step(&mut self, result: Result<bool, EngineError>) -> Step {
-        match result {
-            Err(e) => {
-                self.out.fail(e);
-                Step::Done
-            }
-            Ok(done) => {
-                self.finished = done;
-                if !self.out.flush() {
-                    Step::Blocked
-                } else if done {
-                    Step::Done
-                } else {
-                    Step::Progress
-                }
-            }
-        }
-    }
-}
-
-fn audio_to_pcm(input: AudioInput, limits: &Limits) -> Result<Pcm, EngineError> {
+pub(crate) fn audio_to_pcm(
+    input: AudioInput,
+    limits: &Limits,
+    field: &str,
+) -> Result<Pcm, EngineError> {
     match input {
         AudioInput::File(bytes) => {
-            cadenza_audio::decode(&bytes, limits).map_err(|e| EngineError::audio("audio", e))
+            cadenza_audio::decode(&bytes, limits).map_err(|e| EngineError::audio(field, e))
         }
         AudioInput::Raw {
             bytes,
@@ -277,18 +178,18 @@ fn audio_to_pcm(input: AudioInput, limits: &Limits) -> Result<Pcm, EngineError> 
             sample_rate,
             channels,
         } => cadenza_audio::decode_raw(&bytes, encoding, sample_rate, channels, limits)
-            .map_err(|e| EngineError::audio("audio", e)),
+            .map_err(|e| EngineError::audio(field, e)),
         AudioInput::Pcm(p) => Ok(p),
     }
 }
 
-fn pcm_to_tensor(pcm: &Pcm) -> Result<Tensor, EngineError> {
+pub(crate) fn pcm_to_tensor(pcm: &Pcm) -> Result<Tensor, EngineError> {
     let c = pcm.channels as usize;
     let t = Tensor::from_vec(pcm.samples.clone(), (pcm.frames(), c), &Device::Cpu)?;
     Ok(t.t()?.contiguous()?)
 }
 
-fn tensor_to_pcm(t: &Tensor, sample_rate: u32) -> Result<Pcm, EngineError> {
+pub(crate) fn tensor_to_pcm(t: &Tensor, sample_rate: u32) -> Result<Pcm, EngineError> {
     let (c, _n) = t.dims2()?;
     let samples = t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     Pcm::new(sample_rate, c as u16, samples)
@@ -307,7 +208,7 @@ enum EncodeState {
 
 /// Encodes a whole input, `codec_step_seconds` of audio per step.
 pub(crate) struct EncodeTask {
-    base: Base,
+    base: Base<CodecEvent>,
     model: Arc<CodecModel>,
     bandwidth: Option<f32>,
     n_q: usize,
@@ -351,7 +252,7 @@ impl EncodeTask {
         let cfg = m.config();
         match self.state.take() {
             Some(EncodeState::Start(input)) => {
-                let pcm = audio_to_pcm(input, &self.limits)?
+                let pcm = audio_to_pcm(input, &self.limits, "audio")?
                     .conform(cfg.sampling_rate, cfg.audio_channels as u16)
                     .map_err(|e| EngineError::audio("audio", e))?;
                 if pcm.frames() == 0 {
@@ -461,7 +362,7 @@ impl Task for EncodeTask {
         self.base.post_step(r)
     }
     fn is_cancelled(&self) -> bool {
-        self.base.out.tx.is_closed()
+        self.base.out.is_closed()
     }
     fn fail(&mut self, err: EngineError) {
         self.base.out.fail(err)
@@ -497,7 +398,7 @@ pub(crate) fn chunk_frames(model: &CodecModel) -> Option<usize> {
 
 /// Decodes a whole code matrix, `codec_step_seconds` of frames per step.
 pub(crate) struct DecodeTask {
-    base: Base,
+    base: Base<CodecEvent>,
     model: Arc<CodecModel>,
     codes: Tensor,
     scales: Vec<f32>,
@@ -644,7 +545,7 @@ impl Task for DecodeTask {
         self.base.post_step(r)
     }
     fn is_cancelled(&self) -> bool {
-        self.base.out.tx.is_closed()
+        self.base.out.is_closed()
     }
     fn fail(&mut self, err: EngineError) {
         self.base.out.fail(err)
@@ -656,7 +557,7 @@ impl Task for DecodeTask {
 
 /// Raw PCM chunks in, codes out, for non-chunked models.
 pub(crate) struct StreamEncodeTask {
-    base: Base,
+    base: Base<CodecEvent>,
     model: Arc<CodecModel>,
     input: mpsc::Receiver<StreamInput<Vec<u8>>>,
     encoding: RawEncoding,
@@ -814,7 +715,7 @@ impl Task for StreamEncodeTask {
         }
     }
     fn is_cancelled(&self) -> bool {
-        self.base.out.tx.is_closed()
+        self.base.out.is_closed()
     }
     fn fail(&mut self, err: EngineError) {
         self.base.out.fail(err)
@@ -826,7 +727,7 @@ impl Task for StreamEncodeTask {
 
 /// Codes in, audio out, for non-chunked models.
 pub(crate) struct StreamDecodeTask {
-    base: Base,
+    base: Base<CodecEvent>,
     model: Arc<CodecModel>,
     input: mpsc::Receiver<StreamInput<Codes>>,
     dec: StreamDecoder,
@@ -934,7 +835,7 @@ impl Task for StreamDecodeTask {
         }
     }
     fn is_cancelled(&self) -> bool {
-        self.base.out.tx.is_closed()
+        self.base.out.is_closed()
     }
     fn fail(&mut self, err: EngineError) {
         self.base.out.fail(err)

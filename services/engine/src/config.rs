@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub slow_consumer_timeout_ms: u64,
     /// Audio seconds processed per worker step for codec work (smaller = fairer interleaving).
     pub codec_step_seconds: f64,
+    /// Longest music generation accepted, in seconds of new audio.
+    pub max_music_seconds: f64,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +38,7 @@ impl Default for EngineConfig {
             max_code_frames: 75 * 600,
             slow_consumer_timeout_ms: 30_000,
             codec_step_seconds: 2.0,
+            max_music_seconds: 30.0,
         }
     }
 }
@@ -48,6 +51,9 @@ impl EngineConfig {
         }
         if !(self.max_audio_seconds.is_finite() && self.max_audio_seconds > 0.0) {
             return Err("engine.max_audio_seconds must be positive".into());
+        }
+        if !(self.max_music_seconds.is_finite() && self.max_music_seconds > 0.0) {
+            return Err("engine.max_music_seconds must be positive".into());
         }
         if !(self.codec_step_seconds.is_finite() && self.codec_step_seconds > 0.0) {
             return Err("engine.codec_step_seconds must be positive".into());
@@ -96,7 +102,7 @@ impl std::fmt::Display for ModelSource {
 pub struct ModelEntry {
     /// Registry name clients use.
     pub name: String,
-    /// Model family: `codec` (EnCodec) for now.
+    /// Model family: `codec` (EnCodec) or `music` (MusicGen).
     pub kind: ModelKind,
     /// `embedded:NAME` or a directory path.
     pub source: String,
@@ -111,6 +117,8 @@ pub struct ModelEntry {
 pub enum ModelKind {
     /// A neural audio codec (EnCodec, Hugging Face directory format).
     Codec,
+    /// Text-to-music (MusicGen, Hugging Face directory format).
+    Music,
 }
 
 impl ModelKind {
@@ -118,6 +126,7 @@ impl ModelKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Codec => "codec",
+            Self::Music => "music",
         }
     }
 }

@@ -12,7 +12,9 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod music;
 pub mod registry;
+mod session;
 pub mod worker;
 
 use std::path::Path;
@@ -26,6 +28,7 @@ use tokio::sync::mpsc;
 pub use codec::{AudioInput, CodecEvent, Codes, StreamInput};
 pub use config::{EngineConfig, ModelEntry, ModelKind, ModelSource};
 pub use error::EngineError;
+pub use music::{Continuation, MusicEvent, MusicRequest};
 pub use registry::{ModelInfo, Registry};
 pub use worker::{Admitted, WorkerHandle};
 
@@ -331,6 +334,104 @@ impl Engine {
                 events: rx,
             },
         ))
+    }
+
+    /// Description of a music model (by name; empty = the default).
+    pub fn music_info(&self, model: &str) -> Result<ModelInfo, EngineError> {
+        Ok(self.inner.registry.music(model)?.info.clone())
+    }
+
+    /// Starts text-to-music generation. Validates every parameter first (errors name the
+    /// field). Events: `Audio` chunks as frames complete, `Progress`, optionally `Tokens`,
+    /// then `Done`.
+    pub fn generate_music(
+        &self,
+        mut req: MusicRequest,
+        opts: RequestOptions,
+    ) -> Result<Session<MusicEvent>, EngineError> {
+        let m = self.inner.registry.music(&req.model)?;
+        let lm = &m.model.lm;
+        // top-k 0 = MusicGen's default of 250, capped by the vocabulary.
+        if req.sampling.top_k == 0 {
+            req.sampling.top_k = 250.min(lm.card());
+        }
+        if req.prompt.trim().is_empty() {
+            return Err(EngineError::invalid("prompt", "the prompt is empty"));
+        }
+        if req.prompt.len() > 2000 {
+            return Err(EngineError::invalid(
+                "prompt",
+                format!("{} bytes; the limit is 2000", req.prompt.len()),
+            ));
+        }
+        let max_s = self.inner.cfg.max_music_seconds;
+        if !req.duration_s.is_finite() || req.duration_s <= 0.0 || req.duration_s as f64 > max_s {
+            return Err(EngineError::invalid(
+                "duration_s",
+                format!("{} s is outside (0, {max_s}]", req.duration_s),
+            ));
+        }
+        req.sampling
+            .validate()
+            .map_err(|(f, r)| EngineError::invalid(format!("sampling.{f}"), r))?;
+        if req.sampling.top_k > lm.card() {
+            return Err(EngineError::invalid(
+                "sampling.top_k",
+                format!(
+                    "{} exceeds the vocabulary ({})",
+                    req.sampling.top_k,
+                    lm.card()
+                ),
+            ));
+        }
+        let guidance = req.guidance.unwrap_or(m.model.defaults.guidance_scale);
+        if !guidance.is_finite() || !(1.0..=100.0).contains(&guidance) {
+            return Err(EngineError::invalid(
+                "guidance",
+                format!("{guidance} is outside [1, 100] (0 = model default, 1 = no CFG)"),
+            ));
+        }
+        if let Some(0) = req.chunk_frames {
+            return Err(EngineError::invalid("chunk_ms", "must be positive"));
+        }
+        if let Some(Continuation::Codes(c)) = &req.continuation
+            && c.frames > (max_s * m.model.frame_rate()) as usize
+        {
+            return Err(EngineError::TooLarge {
+                what: "continuation_codes".into(),
+                detail: format!("{} frames", c.frames),
+            });
+        }
+        let frames = ((req.duration_s as f64) * m.model.frame_rate())
+            .round()
+            .max(1.0) as usize;
+        let seed = req.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            t ^ 0x5DEE_CE66_D1CE_4E5B
+        });
+        let limits = Limits {
+            max_seconds: max_s,
+            ..self.audio_limits()
+        };
+        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
+        let task = music::MusicTask::new(
+            m,
+            req,
+            frames,
+            guidance,
+            seed,
+            limits,
+            (tx, slot),
+            opts.deadline,
+        );
+        let admitted = self.inner.worker.submit(Box::new(task))?;
+        Ok(Session {
+            admitted,
+            events: rx,
+        })
     }
 
     /// Stops the workers; running sessions end with `Unavailable`.

@@ -27,9 +27,38 @@ const EMBEDDED: &[EmbeddedModel] = &[EmbeddedModel {
     untrained: true,
 }];
 
+/// An embedded MusicGen (Hugging Face directory files).
+struct EmbeddedMusic {
+    name: &'static str,
+    config_json: &'static str,
+    generation_config_json: &'static str,
+    tokenizer_json: &'static [u8],
+    weights: &'static [u8],
+    card: &'static str,
+    untrained: bool,
+}
+
+const EMBEDDED_MUSIC: &[EmbeddedMusic] = &[EmbeddedMusic {
+    name: "musicgen-tiny-untrained",
+    config_json: include_str!("../../../models/pretrained/musicgen-tiny-untrained/config.json"),
+    generation_config_json: include_str!(
+        "../../../models/pretrained/musicgen-tiny-untrained/generation_config.json"
+    ),
+    tokenizer_json: include_bytes!(
+        "../../../models/pretrained/musicgen-tiny-untrained/tokenizer.json"
+    ),
+    weights: include_bytes!("../../../models/pretrained/musicgen-tiny-untrained/model.safetensors"),
+    card: include_str!("../../../models/pretrained/musicgen-tiny-untrained/MODEL_CARD.md"),
+    untrained: true,
+}];
+
 /// Names of the embedded models.
 pub fn embedded_names() -> Vec<&'static str> {
-    EMBEDDED.iter().map(|m| m.name).collect()
+    EMBEDDED
+        .iter()
+        .map(|m| m.name)
+        .chain(EMBEDDED_MUSIC.iter().map(|m| m.name))
+        .collect()
 }
 
 /// What `ListModels` says about a model.
@@ -72,10 +101,20 @@ pub struct CodecModel {
     pub model: Encodec,
 }
 
+/// A loaded text-to-music model.
+#[derive(Debug)]
+pub struct MusicModel {
+    /// Its public description.
+    pub info: ModelInfo,
+    /// The weights.
+    pub model: cadenza_musicgen::MusicGen,
+}
+
 /// All loaded models.
 #[derive(Debug, Default)]
 pub struct Registry {
     codecs: BTreeMap<String, Arc<CodecModel>>,
+    music: BTreeMap<String, Arc<MusicModel>>,
 }
 
 /// First paragraph of a model card after its title, as a one-line summary.
@@ -106,7 +145,7 @@ impl Registry {
     ) -> Result<Self, String> {
         let mut reg = Registry::default();
         for e in entries {
-            if reg.codecs.contains_key(&e.name) {
+            if reg.codecs.contains_key(&e.name) || reg.music.contains_key(&e.name) {
                 return Err(format!("model '{}' is configured twice", e.name));
             }
             let source = ModelSource::parse(&e.source, base);
@@ -118,6 +157,13 @@ impl Registry {
                         })?;
                     reg.codecs.insert(e.name.clone(), Arc::new(m));
                 }
+                ModelKind::Music => {
+                    let m =
+                        load_music(&e.name, &source, e.card.as_deref(), device).map_err(|err| {
+                            format!("loading model '{}' from {source}: {err}", e.name)
+                        })?;
+                    reg.music.insert(e.name.clone(), Arc::new(m));
+                }
             }
         }
         Ok(reg)
@@ -125,7 +171,31 @@ impl Registry {
 
     /// Every model's description, sorted by name.
     pub fn infos(&self) -> Vec<ModelInfo> {
-        self.codecs.values().map(|m| m.info.clone()).collect()
+        let mut v: Vec<ModelInfo> = self
+            .codecs
+            .values()
+            .map(|m| m.info.clone())
+            .chain(self.music.values().map(|m| m.info.clone()))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A music model by name (empty name = the first).
+    pub fn music(&self, name: &str) -> Result<Arc<MusicModel>, EngineError> {
+        let found = if name.is_empty() {
+            self.music.values().next()
+        } else {
+            self.music.get(name)
+        };
+        found.cloned().ok_or_else(|| EngineError::UnknownModel {
+            name: if name.is_empty() {
+                "(default music model)".into()
+            } else {
+                name.to_string()
+            },
+            available: self.music.keys().cloned().collect(),
+        })
     }
 
     /// A codec by name (empty name = the only/first codec).
@@ -144,6 +214,64 @@ impl Registry {
             available: self.codecs.keys().cloned().collect(),
         })
     }
+}
+
+fn load_music(
+    name: &str,
+    source: &ModelSource,
+    card: Option<&str>,
+    device: &Device,
+) -> Result<MusicModel, String> {
+    use cadenza_musicgen::MusicGen;
+    let (model, card_text, untrained) = match source {
+        ModelSource::Embedded(n) => {
+            let emb = EMBEDDED_MUSIC.iter().find(|m| m.name == n).ok_or_else(|| {
+                format!(
+                    "no embedded music model '{n}' (embedded: {})",
+                    embedded_names().join(", ")
+                )
+            })?;
+            let tensors = candle_core::safetensors::load_buffer(emb.weights, device)
+                .map_err(|e| e.to_string())?;
+            let model = MusicGen::from_parts(
+                emb.config_json,
+                Some(emb.generation_config_json),
+                Some(emb.tokenizer_json),
+                tensors,
+                device,
+            )
+            .map_err(|e| e.to_string())?;
+            (model, card_summary(emb.card), emb.untrained)
+        }
+        ModelSource::Path(dir) => {
+            let model = MusicGen::load_hf(dir, device).map_err(|e| e.to_string())?;
+            let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
+                .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
+                .map(|c| card_summary(&c))
+                .unwrap_or_default();
+            (model, card, false)
+        }
+    };
+    if model.tokenizer.is_none() {
+        return Err("the model directory has no tokenizer.json (the T5 tokenizer is needed for text prompts)".into());
+    }
+    let codec = model.codec.config();
+    let info = ModelInfo {
+        name: name.to_string(),
+        kind: ModelKind::Music,
+        architecture: "musicgen".into(),
+        sample_rate: codec.sampling_rate,
+        channels: codec.audio_channels as u16,
+        frame_rate: model.frame_rate(),
+        num_codebooks: model.lm.num_codebooks(),
+        codebook_size: model.lm.card(),
+        bandwidths_kbps: vec![],
+        parameters: model.num_parameters as u64,
+        untrained,
+        card: card.map(str::to_string).unwrap_or(card_text),
+        source: source.to_string(),
+    };
+    Ok(MusicModel { info, model })
 }
 
 fn load_codec(

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod models;
+pub mod music;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -66,15 +67,27 @@ pub async fn serve(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let models = pb::models_server::ModelsServer::new(models::ModelsService::new(engine.clone()));
+    // Music is registered only when a music model is loaded.
+    let has_music = engine
+        .models()
+        .iter()
+        .any(|m| m.kind == cadenza_engine::ModelKind::Music);
+    let music = has_music
+        .then(|| pb::music_server::MusicServer::new(music::MusicService::new(engine.clone())));
     // Reflection advertises only the services registered below, not every service the
     // descriptor set defines (the API is defined ahead of its implementations).
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(cadenza_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(pb::codec_server::SERVICE_NAME)
             .with_service_name(pb::models_server::SERVICE_NAME)
-            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.health.v1.Health");
+        if has_music {
+            b.with_service_name(pb::music_server::SERVICE_NAME)
+        } else {
+            b
+        }
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -97,6 +110,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(codec)
         .add_service(models)
+        .add_optional_service(music)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });

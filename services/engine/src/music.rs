@@ -1,0 +1,313 @@
+//! Text-to-music sessions (MusicGen): one LM step per worker step; audio is decoded and sent as
+//! soon as frames leave the delay pattern, in chunks of `chunk_frames`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cadenza_audio::Limits;
+use cadenza_codecs::StreamDecoder;
+use cadenza_musicgen::{GenerateParams, Generation};
+use cadenza_nn::sampling::SamplingParams;
+use candle_core::{Device, Tensor};
+
+use crate::codec::{AudioInput, Codes};
+use crate::error::EngineError;
+use crate::registry::MusicModel;
+use crate::session::{Base, Output};
+use crate::worker::{Step, Task};
+
+/// Continue from existing music instead of starting from silence.
+#[derive(Debug, Clone)]
+pub enum Continuation {
+    /// Audio, encoded with the model's codec first.
+    Audio(AudioInput),
+    /// Codes of the model's codec, `[K, T0]`.
+    Codes(Codes),
+}
+
+/// A text-to-music request, validated by [`crate::Engine::generate_music`].
+#[derive(Debug, Clone)]
+pub struct MusicRequest {
+    /// Registry name ("" = the default music model).
+    pub model: String,
+    /// The text description.
+    pub prompt: String,
+    /// Seconds of new audio.
+    pub duration_s: f32,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// CFG coefficient; `None` = the model's default; 1 = off.
+    pub guidance: Option<f32>,
+    /// Seed; `None` = random (reported in the final event).
+    pub seed: Option<u64>,
+    /// Music to continue.
+    pub continuation: Option<Continuation>,
+    /// Frames per audio chunk; `None` = about 320 ms.
+    pub chunk_frames: Option<usize>,
+    /// Send the generated codes at the end.
+    pub return_tokens: bool,
+}
+
+/// What a music session sends back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MusicEvent {
+    /// LM steps done of the total.
+    Progress {
+        /// Steps done.
+        step: u32,
+        /// Steps in all.
+        total: u32,
+    },
+    /// New final audio at the model's rate (the continuation prompt is not echoed).
+    Audio {
+        /// Index of the first sample among the new audio.
+        start_sample: u64,
+        /// The samples.
+        pcm: cadenza_audio::Pcm,
+    },
+    /// The generated codes, `[K, T]` (when asked for).
+    Tokens(Codes),
+    /// Generation finished.
+    Done {
+        /// The seed used.
+        seed: u64,
+        /// Tokens sampled (frames × codebooks).
+        tokens: u64,
+        /// Seconds of new audio.
+        audio_seconds: f32,
+    },
+}
+
+enum State {
+    Start(Option<Continuation>),
+    Running {
+        generation: Box<Generation>,
+        decoder: StreamDecoder,
+        pending: Vec<Vec<u32>>,
+        skip_samples: u64,
+    },
+    Finished,
+}
+
+/// One MusicGen generation session.
+pub(crate) struct MusicTask {
+    base: Base<MusicEvent>,
+    model: Arc<MusicModel>,
+    prompt: String,
+    frames: usize,
+    sampling: SamplingParams,
+    guidance: f32,
+    seed: u64,
+    chunk_frames: usize,
+    return_tokens: bool,
+    limits: Limits,
+    state: State,
+    emitted: u64,
+}
+
+impl MusicTask {
+    pub(crate) fn new(
+        model: Arc<MusicModel>,
+        req: MusicRequest,
+        frames: usize,
+        guidance: f32,
+        seed: u64,
+        limits: Limits,
+        out: Output<MusicEvent>,
+        deadline: Option<Instant>,
+    ) -> Self {
+        let fr = model.model.frame_rate();
+        Self {
+            base: Base::new(format!("music:{}", model.info.name), out, deadline),
+            prompt: req.prompt,
+            frames,
+            sampling: req.sampling,
+            guidance,
+            seed,
+            chunk_frames: req
+                .chunk_frames
+                .unwrap_or(((fr * 0.32).round() as usize).max(1)),
+            return_tokens: req.return_tokens,
+            limits,
+            state: State::Start(req.continuation),
+            emitted: 0,
+            model,
+        }
+    }
+
+    fn start(&mut self, continuation: Option<Continuation>) -> Result<State, EngineError> {
+        let m = &self.model.model;
+        let k = m.lm.num_codebooks();
+        let prompt_codes = match continuation {
+            None => None,
+            Some(Continuation::Codes(c)) => {
+                c.validate("continuation_codes", k, m.lm.card())?;
+                if c.num_codebooks != k {
+                    return Err(EngineError::invalid(
+                        "continuation_codes",
+                        format!("this model needs {k} codebooks, got {}", c.num_codebooks),
+                    ));
+                }
+                Some(c)
+            }
+            Some(Continuation::Audio(a)) => {
+                let cfg = m.codec.config();
+                let pcm = crate::codec::audio_to_pcm(a, &self.limits, "continuation_audio")?
+                    .conform(cfg.sampling_rate, cfg.audio_channels as u16)
+                    .map_err(|e| EngineError::audio("continuation_audio", e))?;
+                if pcm.frames() == 0 {
+                    return Err(EngineError::invalid(
+                        "continuation_audio",
+                        "the audio is empty",
+                    ));
+                }
+                let x = crate::codec::pcm_to_tensor(&pcm)?.unsqueeze(0)?;
+                let enc = m.codec.encode(&x, None)?;
+                let codes = enc.codes.squeeze(0)?.squeeze(0)?.narrow(0, 0, k)?;
+                Some(Codes::from_tensor(&codes)?)
+            }
+        };
+        let prompt = prompt_codes.map(|c| {
+            (0..c.num_codebooks)
+                .map(|q| c.codes[q * c.frames..(q + 1) * c.frames].to_vec())
+                .collect::<Vec<_>>()
+        });
+        let prompt_frames = prompt.as_ref().map_or(0, |p: &Vec<Vec<u32>>| p[0].len());
+        let (ids, mask) = m.tokenize(&[self.prompt.as_str()])?;
+        let cond = m.condition(&ids, &mask)?;
+        let params = GenerateParams {
+            frames: self.frames,
+            sampling: self.sampling.clone(),
+            guidance: self.guidance,
+            seed: self.seed,
+            prompt,
+        };
+        let generation =
+            Generation::new(m, &cond, &mask.to_dtype(candle_core::DType::F32)?, params)?;
+        let skip_samples = (prompt_frames * m.codec.config().hop_length()) as u64;
+        Ok(State::Running {
+            generation: Box::new(generation),
+            decoder: StreamDecoder::new(&m.codec)?,
+            pending: Vec::new(),
+            skip_samples,
+        })
+    }
+
+    /// Decodes `pending` frames (if any, or all at the end) and sends the new audio.
+    fn emit_audio(
+        &mut self,
+        frames: Vec<Vec<u32>>,
+        decoder: &mut StreamDecoder,
+        skip: &mut u64,
+        last: bool,
+    ) -> Result<(), EngineError> {
+        let m = &self.model.model;
+        let k = m.lm.num_codebooks();
+        let mut audio = if frames.is_empty() {
+            Tensor::zeros((1, 0), candle_core::DType::F32, &Device::Cpu)?
+        } else {
+            let n = frames.len();
+            let flat: Vec<u32> = (0..k)
+                .flat_map(|q| frames.iter().map(move |f| f[q]))
+                .collect();
+            decoder.push(&m.codec, &Tensor::from_vec(flat, (k, n), &Device::Cpu)?)?
+        };
+        if last {
+            audio = Tensor::cat(&[&audio, &decoder.finish(&m.codec)?], 1)?;
+        }
+        let n = audio.dim(1)? as u64;
+        let drop = (*skip).min(n);
+        *skip -= drop;
+        let audio = audio.narrow(1, drop as usize, (n - drop) as usize)?;
+        if audio.dim(1)? > 0 {
+            let pcm = crate::codec::tensor_to_pcm(&audio, m.codec.config().sampling_rate)?;
+            let len = pcm.frames() as u64;
+            self.base.out.push(MusicEvent::Audio {
+                start_sample: self.emitted,
+                pcm,
+            });
+            self.emitted += len;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<bool, EngineError> {
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Start(c) => {
+                self.state = self.start(c)?;
+                Ok(false)
+            }
+            State::Running {
+                mut generation,
+                mut decoder,
+                mut pending,
+                mut skip_samples,
+            } => {
+                let model = self.model.clone();
+                let m = &model.model;
+                let out = generation.step(m)?;
+                pending.extend(out.completed);
+                let done = generation.is_done(m);
+                if done || pending.len() >= self.chunk_frames {
+                    let frames = std::mem::take(&mut pending);
+                    self.emit_audio(frames, &mut decoder, &mut skip_samples, done)?;
+                    let total = generation.total_steps(m) as u32;
+                    self.base.out.push(MusicEvent::Progress {
+                        step: generation.steps_done() as u32,
+                        total,
+                    });
+                }
+                if done {
+                    let k = m.lm.num_codebooks();
+                    let p = generation.prompt_frames();
+                    let new: Vec<u32> = generation
+                        .frames()
+                        .iter()
+                        .flat_map(|row| row[p..].iter().copied())
+                        .collect();
+                    let frames = new.len() / k;
+                    if self.return_tokens {
+                        self.base.out.push(MusicEvent::Tokens(Codes {
+                            num_codebooks: k,
+                            frames,
+                            codes: new,
+                        }));
+                    }
+                    self.base.out.push(MusicEvent::Done {
+                        seed: self.seed,
+                        tokens: (frames * k) as u64,
+                        audio_seconds: self.emitted as f32 / m.codec.config().sampling_rate as f32,
+                    });
+                } else {
+                    self.state = State::Running {
+                        generation,
+                        decoder,
+                        pending,
+                        skip_samples,
+                    };
+                }
+                Ok(done)
+            }
+            State::Finished => Ok(true),
+        }
+    }
+}
+
+impl Task for MusicTask {
+    fn step(&mut self) -> Step {
+        if let Some(s) = self.base.pre_step() {
+            return s;
+        }
+        let r = self.run();
+        self.base.post_step(r)
+    }
+    fn is_cancelled(&self) -> bool {
+        self.base.out.is_closed()
+    }
+    fn fail(&mut self, err: EngineError) {
+        self.base.out.fail(err)
+    }
+    fn label(&self) -> &str {
+        &self.base.label
+    }
+}

@@ -75,6 +75,9 @@ fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
             kind: ModelKind::Codec,
             source: m.clone(),
             card: None,
+            format: None,
+            t5: None,
+            codec: None,
         }];
         let engine = Engine::start(cfg.engine, &cfg.models, None).map_err(anyhow::Error::msg)?;
         return Ok((engine, name));

@@ -11,6 +11,7 @@
 //! cross-attention K/V, RNG, the token grid) advanced one step at a time by [`Generation::step`],
 //! so a worker can interleave and cancel sessions between steps.
 
+pub mod audiocraft;
 pub mod t5;
 
 use std::path::Path;
@@ -160,6 +161,52 @@ impl Lm {
         })
     }
 
+    /// Loads audiocraft's `LMModel` layout (`emb.K`, `transformer.layers.N`, `out_norm`,
+    /// `linears.K`) from the root of `best_state`.
+    pub fn new_audiocraft(cfg: &audiocraft::TransformerLmCfg, vb: VarBuilder) -> Result<Self> {
+        let (d, k, v) = (cfg.dim, cfg.n_q, cfg.card);
+        let embeds = (0..k)
+            .map(|i| {
+                Ok(Embedding::new(
+                    vb.pp("emb").pp(i).get((v + 1, d), "weight")?,
+                    d,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lc = LayerConfig {
+            dim: d,
+            heads: cfg.num_heads,
+            ffn_dim: d * cfg.hidden_scale,
+            bias_attn: cfg.bias_attn,
+            bias_ff: cfg.bias_ff,
+            norm_eps: 1e-5,
+            cross_attention: true,
+            style: KeyStyle::Audiocraft,
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::new(&lc, vb.pp("transformer.layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let ln = vb.pp("out_norm");
+        let norm = LayerNorm::new(ln.get(d, "weight")?, ln.get(d, "bias")?, 1e-5);
+        let heads = (0..k)
+            .map(|i| {
+                Ok(Linear::new(
+                    vb.pp("linears").pp(i).get((v, d), "weight")?,
+                    None,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeds,
+            layers,
+            norm,
+            heads,
+            dim: d,
+            n_heads: cfg.num_heads,
+            card: v,
+        })
+    }
+
     /// Codebooks.
     pub fn num_codebooks(&self) -> usize {
         self.embeds.len()
@@ -179,11 +226,12 @@ impl Lm {
     }
 
     /// Cross-attention K/V for every layer from conditioning (B, L, D) and its (B, L) mask.
-    pub fn cross(&self, cond: &Tensor, mask: &Tensor) -> Result<Vec<CrossKv>> {
+    /// (`None`: attend to every position, as audiocraft does).
+    pub fn cross(&self, cond: &Tensor, mask: Option<&Tensor>) -> Result<Vec<CrossKv>> {
         self.layers
             .iter()
             .map(|l| {
-                l.cross_kv(cond, Some(mask))?
+                l.cross_kv(cond, mask)?
                     .ok_or_else(|| candle_core::Error::Msg("no cross-attention".into()))
             })
             .collect()
@@ -240,9 +288,21 @@ pub struct MusicGen {
     pub codec: Encodec,
     pub pattern: DelayPattern,
     pub defaults: GenerationDefaults,
+    /// Whether cross-attention skips padded text positions (transformers does; audiocraft's
+    /// `ConditionFuser` does not, it only zeroes them).
+    pub mask_cross_attention: bool,
     /// Weights in the checkpoint.
     pub num_parameters: usize,
     device: Device,
+}
+
+/// Tensors of a safetensors file (read into memory; no mmap, so no `unsafe`).
+fn unsafe_free_safetensors(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+    let tensors = candle_core::safetensors::load(path, device)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 
 /// Loading and generation errors surface as candle errors with a message.
@@ -340,6 +400,84 @@ impl MusicGen {
             lm,
             codec,
             defaults,
+            mask_cross_attention: true,
+            num_parameters,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads an audiocraft MusicGen: the LM checkpoint (`state_dict.bin`), a Hugging Face T5
+    /// directory (`config.json`, `model.safetensors`, `tokenizer.json`, e.g. `t5-base`) and a
+    /// Hugging Face EnCodec directory (e.g. `facebook/encodec_32khz`).
+    pub fn load_audiocraft(
+        checkpoint: &Path,
+        t5_dir: &Path,
+        codec_dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let read = |p: std::path::PathBuf| {
+            std::fs::read_to_string(&p).map_err(|e| msg(format!("{}: {e}", p.display())))
+        };
+        let t5_cfg: T5Config = serde_json::from_str(&read(t5_dir.join("config.json"))?)
+            .map_err(|e| msg(format!("t5 config.json: {e}")))?;
+        let t5_vb = unsafe_free_safetensors(&t5_dir.join("model.safetensors"), device)?;
+        let t5 = T5Encoder::new(&t5_cfg, t5_vb)?;
+        let tok = std::fs::read(t5_dir.join("tokenizer.json"))
+            .map_err(|e| msg(format!("{}: {e}", t5_dir.join("tokenizer.json").display())))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&tok)
+            .map_err(|e| msg(format!("tokenizer.json: {e}")))?;
+        let codec = Encodec::load(codec_dir, device)?;
+        Self::from_audiocraft_parts(
+            checkpoint,
+            t5,
+            Some(std::sync::Arc::new(tokenizer)),
+            codec,
+            device,
+        )
+    }
+
+    /// Builds an audiocraft MusicGen from its LM checkpoint and an already loaded T5 and codec.
+    pub fn from_audiocraft_parts(
+        checkpoint: &Path,
+        t5: T5Encoder,
+        tokenizer: Option<std::sync::Arc<tokenizers::Tokenizer>>,
+        codec: Encodec,
+        device: &Device,
+    ) -> Result<Self> {
+        let (xp, tensors) = audiocraft::read_checkpoint(checkpoint, device)?;
+        let num_parameters = tensors.values().map(Tensor::elem_count).sum();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let lm = Lm::new_audiocraft(&xp.transformer_lm, vb.clone())?;
+        let p = vb.pp("condition_provider.conditioners.description.output_proj");
+        let (o, i) = (xp.transformer_lm.dim, t5.hidden_size());
+        let proj = Linear::new(p.get((o, i), "weight")?, Some(p.get(o, "bias")?));
+        if codec.config().num_quantizers() < lm.num_codebooks() {
+            bail!(
+                "musicgen: the codec has {} codebooks, the LM needs {}",
+                codec.config().num_quantizers(),
+                lm.num_codebooks()
+            )
+        }
+        let delays = xp.delays();
+        if delays.len() != lm.num_codebooks() {
+            bail!(
+                "audiocraft checkpoint: {} delays for {} codebooks",
+                delays.len(),
+                lm.num_codebooks()
+            )
+        }
+        Ok(Self {
+            t5,
+            tokenizer,
+            enc_to_dec_proj: Some(proj),
+            pattern: DelayPattern::new(delays),
+            lm,
+            codec,
+            defaults: GenerationDefaults {
+                guidance_scale: xp.cfg_coef(),
+                ..GenerationDefaults::default()
+            },
+            mask_cross_attention: false,
             num_parameters,
             device: device.clone(),
         })
@@ -472,7 +610,9 @@ impl Generation {
         let steps = model.pattern.steps_for(total_frames);
         Ok(Self {
             caches: model.lm.caches(rows, steps + 1, model.device())?,
-            cross: model.lm.cross(&cond, &mask)?,
+            cross: model
+                .lm
+                .cross(&cond, model.mask_cross_attention.then_some(&mask))?,
             frames: vec![Vec::with_capacity(total_frames); k],
             total_frames,
             prompt_frames,

@@ -109,6 +109,17 @@ pub struct ModelEntry {
     /// Overrides the model card summary shown by `ListModels`.
     #[serde(default)]
     pub card: Option<String>,
+    /// Checkpoint format of a music model: `hf` (default; a `MusicgenForConditionalGeneration`
+    /// directory) or `audiocraft` (`source` = `state_dict.bin` or its directory, plus `t5` and
+    /// `codec`).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// audiocraft format: the Hugging Face T5 directory (e.g. `t5-base`).
+    #[serde(default)]
+    pub t5: Option<String>,
+    /// audiocraft format: the Hugging Face EnCodec directory (e.g. `encodec_32khz`).
+    #[serde(default)]
+    pub codec: Option<String>,
 }
 
 /// The model families the engine can serve.

@@ -158,10 +158,9 @@ impl Registry {
                     reg.codecs.insert(e.name.clone(), Arc::new(m));
                 }
                 ModelKind::Music => {
-                    let m =
-                        load_music(&e.name, &source, e.card.as_deref(), device).map_err(|err| {
-                            format!("loading model '{}' from {source}: {err}", e.name)
-                        })?;
+                    let m = load_music(e, &source, base, device).map_err(|err| {
+                        format!("loading model '{}' from {source}: {err}", e.name)
+                    })?;
                     reg.music.insert(e.name.clone(), Arc::new(m));
                 }
             }
@@ -217,12 +216,13 @@ impl Registry {
 }
 
 fn load_music(
-    name: &str,
+    e: &ModelEntry,
     source: &ModelSource,
-    card: Option<&str>,
+    base: Option<&std::path::Path>,
     device: &Device,
 ) -> Result<MusicModel, String> {
     use cadenza_musicgen::MusicGen;
+    let (name, card) = (e.name.as_str(), e.card.as_deref());
     let (model, card_text, untrained) = match source {
         ModelSource::Embedded(n) => {
             let emb = EMBEDDED_MUSIC.iter().find(|m| m.name == n).ok_or_else(|| {
@@ -243,7 +243,38 @@ fn load_music(
             .map_err(|e| e.to_string())?;
             (model, card_summary(emb.card), emb.untrained)
         }
+        ModelSource::Path(dir) if e.format.as_deref() == Some("audiocraft") => {
+            let path = |p: &Option<String>, what: &str| -> Result<std::path::PathBuf, String> {
+                match p.as_deref().map(|p| ModelSource::parse(p, base)) {
+                    Some(ModelSource::Path(p)) => Ok(p),
+                    _ => Err(format!(
+                        "format = \"audiocraft\" needs `{what}` = a directory"
+                    )),
+                }
+            };
+            let ckpt = if dir.is_dir() {
+                dir.join("state_dict.bin")
+            } else {
+                dir.clone()
+            };
+            let model = MusicGen::load_audiocraft(
+                &ckpt,
+                &path(&e.t5, "t5")?,
+                &path(&e.codec, "codec")?,
+                device,
+            )
+            .map_err(|e| e.to_string())?;
+            let card = dir
+                .parent()
+                .and_then(|d| std::fs::read_to_string(d.join("README.md")).ok())
+                .map(|c| card_summary(&c))
+                .unwrap_or_default();
+            (model, card, false)
+        }
         ModelSource::Path(dir) => {
+            if let Some(f) = e.format.as_deref().filter(|f| *f != "hf") {
+                return Err(format!("unknown music format '{f}' (hf, audiocraft)"));
+            }
             let model = MusicGen::load_hf(dir, device).map_err(|e| e.to_string())?;
             let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
                 .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
@@ -339,6 +370,9 @@ mod tests {
             kind: ModelKind::Codec,
             source: "embedded:encodec-tiny-untrained".into(),
             card: None,
+            format: None,
+            t5: None,
+            codec: None,
         }];
         let reg = Registry::load(&entries, None, &Device::Cpu).unwrap();
         let m = reg.codec("codec").unwrap();
@@ -358,8 +392,34 @@ mod tests {
             kind: ModelKind::Codec,
             source: "/nonexistent/dir".into(),
             card: None,
+            format: None,
+            t5: None,
+            codec: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
         assert!(err.contains("model 'x'"), "{err}");
+    }
+
+    #[test]
+    fn audiocraft_format_needs_t5_and_codec() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/musicgen/audiocraft-tiny");
+        let entries = vec![ModelEntry {
+            name: "ac".into(),
+            kind: ModelKind::Music,
+            source: dir.display().to_string(),
+            card: None,
+            format: Some("audiocraft".into()),
+            t5: None,
+            codec: None,
+        }];
+        let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
+        assert!(err.contains("`t5`"), "{err}");
+        let entries = vec![ModelEntry {
+            format: Some("onnx".into()),
+            ..entries[0].clone()
+        }];
+        let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
+        assert!(err.contains("unknown music format 'onnx'"), "{err}");
     }
 }

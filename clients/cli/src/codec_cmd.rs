@@ -427,21 +427,7 @@ pub async fn list_models(args: &ClientArgs) -> Result<()> {
         let out = engine
             .models()
             .into_iter()
-            .map(|m| pb::ModelInfo {
-                name: m.name,
-                kind: m.kind.as_str().into(),
-                architecture: m.architecture,
-                sample_rate_hz: m.sample_rate,
-                channels: m.channels.into(),
-                frame_rate: m.frame_rate,
-                num_codebooks: m.num_codebooks as u32,
-                codebook_size: m.codebook_size as u32,
-                bandwidths_kbps: m.bandwidths_kbps,
-                parameters: m.parameters,
-                untrained: m.untrained,
-                card: m.card,
-                source: m.source,
-            })
+            .map(cadenza_server::models::model_info)
             .collect();
         engine.shutdown();
         out

@@ -14,8 +14,7 @@ use crate::error::EngineError;
 /// Where a codec task sends its events, and where its terminal error goes.
 pub(crate) type Output = crate::session::Output<CodecEvent>;
 use crate::registry::CodecModel;
-use crate::session::Base;
-use crate::worker::{Step, Task};
+use crate::session::{Base, Stepper};
 
 /// Audio given to the engine.
 #[derive(Debug, Clone)]
@@ -247,7 +246,7 @@ impl EncodeTask {
         })
     }
 
-    fn run(&mut self) -> Result<bool, EngineError> {
+    fn work(&mut self) -> Result<bool, EngineError> {
         let m = &self.model.model;
         let cfg = m.config();
         match self.state.take() {
@@ -353,22 +352,16 @@ impl EncodeTask {
     }
 }
 
-impl Task for EncodeTask {
-    fn step(&mut self) -> Step {
-        if let Some(s) = self.base.pre_step() {
-            return s;
-        }
-        let r = self.run();
-        self.base.post_step(r)
+impl Stepper for EncodeTask {
+    type Event = CodecEvent;
+    fn base(&self) -> &Base<CodecEvent> {
+        &self.base
     }
-    fn is_cancelled(&self) -> bool {
-        self.base.out.is_closed()
+    fn base_mut(&mut self) -> &mut Base<CodecEvent> {
+        &mut self.base
     }
-    fn fail(&mut self, err: EngineError) {
-        self.base.out.fail(err)
-    }
-    fn label(&self) -> &str {
-        &self.base.label
+    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+        self.work().map(Some)
     }
 }
 
@@ -492,7 +485,7 @@ impl DecodeTask {
         Ok(())
     }
 
-    fn run(&mut self) -> Result<bool, EngineError> {
+    fn work(&mut self) -> Result<bool, EngineError> {
         let m = &self.model.model;
         let frames = self.codes.dim(1)?;
         let n = self.step_frames.min(frames - self.pos);
@@ -536,22 +529,16 @@ impl DecodeTask {
     }
 }
 
-impl Task for DecodeTask {
-    fn step(&mut self) -> Step {
-        if let Some(s) = self.base.pre_step() {
-            return s;
-        }
-        let r = self.run();
-        self.base.post_step(r)
+impl Stepper for DecodeTask {
+    type Event = CodecEvent;
+    fn base(&self) -> &Base<CodecEvent> {
+        &self.base
     }
-    fn is_cancelled(&self) -> bool {
-        self.base.out.is_closed()
+    fn base_mut(&mut self) -> &mut Base<CodecEvent> {
+        &mut self.base
     }
-    fn fail(&mut self, err: EngineError) {
-        self.base.out.fail(err)
-    }
-    fn label(&self) -> &str {
-        &self.base.label
+    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+        self.work().map(Some)
     }
 }
 
@@ -621,7 +608,7 @@ impl StreamEncodeTask {
         })
     }
 
-    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+    fn work(&mut self) -> Result<Option<bool>, EngineError> {
         let m = &self.model.model;
         let cfg = m.config();
         let (resampled, last) = match self.input.try_recv() {
@@ -703,25 +690,16 @@ impl StreamEncodeTask {
     }
 }
 
-impl Task for StreamEncodeTask {
-    fn step(&mut self) -> Step {
-        if let Some(s) = self.base.pre_step() {
-            return s;
-        }
-        match self.run() {
-            Ok(None) => Step::Idle,
-            Ok(Some(done)) => self.base.post_step(Ok(done)),
-            Err(e) => self.base.post_step(Err(e)),
-        }
+impl Stepper for StreamEncodeTask {
+    type Event = CodecEvent;
+    fn base(&self) -> &Base<CodecEvent> {
+        &self.base
     }
-    fn is_cancelled(&self) -> bool {
-        self.base.out.is_closed()
+    fn base_mut(&mut self) -> &mut Base<CodecEvent> {
+        &mut self.base
     }
-    fn fail(&mut self, err: EngineError) {
-        self.base.out.fail(err)
-    }
-    fn label(&self) -> &str {
-        &self.base.label
+    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+        self.work()
     }
 }
 
@@ -767,7 +745,7 @@ impl StreamDecodeTask {
         })
     }
 
-    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+    fn work(&mut self) -> Result<Option<bool>, EngineError> {
         let m = &self.model.model;
         let cfg = m.config();
         let (audio, last) = match self.input.try_recv() {
@@ -823,24 +801,15 @@ impl StreamDecodeTask {
     }
 }
 
-impl Task for StreamDecodeTask {
-    fn step(&mut self) -> Step {
-        if let Some(s) = self.base.pre_step() {
-            return s;
-        }
-        match self.run() {
-            Ok(None) => Step::Idle,
-            Ok(Some(done)) => self.base.post_step(Ok(done)),
-            Err(e) => self.base.post_step(Err(e)),
-        }
+impl Stepper for StreamDecodeTask {
+    type Event = CodecEvent;
+    fn base(&self) -> &Base<CodecEvent> {
+        &self.base
     }
-    fn is_cancelled(&self) -> bool {
-        self.base.out.is_closed()
+    fn base_mut(&mut self) -> &mut Base<CodecEvent> {
+        &mut self.base
     }
-    fn fail(&mut self, err: EngineError) {
-        self.base.out.fail(err)
-    }
-    fn label(&self) -> &str {
-        &self.base.label
+    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+        self.work()
     }
 }

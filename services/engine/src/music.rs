@@ -13,8 +13,7 @@ use candle_core::{Device, Tensor};
 use crate::codec::{AudioInput, Codes};
 use crate::error::EngineError;
 use crate::registry::MusicModel;
-use crate::session::{Base, Output};
-use crate::worker::{Step, Task};
+use crate::session::{Base, Output, Stepper};
 
 /// Continue from existing music instead of starting from silence.
 #[derive(Debug, Clone)]
@@ -231,7 +230,7 @@ impl MusicTask {
         Ok(())
     }
 
-    fn run(&mut self) -> Result<bool, EngineError> {
+    fn work(&mut self) -> Result<bool, EngineError> {
         match std::mem::replace(&mut self.state, State::Finished) {
             State::Start(c) => {
                 self.state = self.start(c)?;
@@ -293,21 +292,15 @@ impl MusicTask {
     }
 }
 
-impl Task for MusicTask {
-    fn step(&mut self) -> Step {
-        if let Some(s) = self.base.pre_step() {
-            return s;
-        }
-        let r = self.run();
-        self.base.post_step(r)
+impl Stepper for MusicTask {
+    type Event = MusicEvent;
+    fn base(&self) -> &Base<MusicEvent> {
+        &self.base
     }
-    fn is_cancelled(&self) -> bool {
-        self.base.out.is_closed()
+    fn base_mut(&mut self) -> &mut Base<MusicEvent> {
+        &mut self.base
     }
-    fn fail(&mut self, err: EngineError) {
-        self.base.out.fail(err)
-    }
-    fn label(&self) -> &str {
-        &self.base.label
+    fn run(&mut self) -> Result<Option<bool>, EngineError> {
+        self.work().map(Some)
     }
 }

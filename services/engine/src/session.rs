@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::error::EngineError;
-use crate::worker::Step;
+use crate::worker::{Step, Task};
 
 /// Where a task sends its events, and where its terminal error goes.
 pub(crate) type Output<E> = (mpsc::Sender<Result<E, EngineError>>, crate::TerminalSlot);
@@ -115,5 +115,40 @@ impl<E> Base<E> {
                 }
             }
         }
+    }
+}
+
+/// A session's work in terms of its [`Base`]: every task implements this and gets the worker's
+/// [`Task`] for free (flush before work, deadline, failure reporting, cancellation check).
+pub(crate) trait Stepper: Send {
+    /// The events the session sends.
+    type Event: Send;
+    /// The shared parts.
+    fn base(&self) -> &Base<Self::Event>;
+    /// The shared parts, mutably.
+    fn base_mut(&mut self) -> &mut Base<Self::Event>;
+    /// One bounded unit of work: `Some(done)`, or `None` when waiting for client input.
+    fn run(&mut self) -> Result<Option<bool>, EngineError>;
+}
+
+impl<S: Stepper> Task for S {
+    fn step(&mut self) -> Step {
+        if let Some(s) = self.base_mut().pre_step() {
+            return s;
+        }
+        match self.run() {
+            Ok(None) => Step::Idle,
+            Ok(Some(done)) => self.base_mut().post_step(Ok(done)),
+            Err(e) => self.base_mut().post_step(Err(e)),
+        }
+    }
+    fn is_cancelled(&self) -> bool {
+        self.base().out.is_closed()
+    }
+    fn fail(&mut self, err: EngineError) {
+        self.base_mut().out.fail(err)
+    }
+    fn label(&self) -> &str {
+        &self.base().label
     }
 }

@@ -198,6 +198,35 @@ fn forward<T: Send + 'static>(
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// Feeds a client stream into a session: `first` (from the config message), then every message's
+/// payload, then a clean end. A client error, a cancelled stream or a protocol violation (`Err`
+/// from `payload`) drops the input instead, which cancels the session.
+fn pump<M: Send + 'static, T: Send + 'static>(
+    mut inbound: Streaming<M>,
+    input: cadenza_engine::SessionInput<T>,
+    first: Option<T>,
+    payload: impl Fn(M) -> Result<Option<T>, ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Some(x) = first
+            && input.send(x).await.is_err()
+        {
+            return;
+        }
+        while let Some(msg) = inbound.next().await {
+            let Ok(Ok(item)) = msg.map(&payload) else {
+                return;
+            };
+            if let Some(x) = item
+                && input.send(x).await.is_err()
+            {
+                return;
+            }
+        }
+        let _ = input.end().await;
+    });
+}
+
 #[tonic::async_trait]
 impl pb::codec_server::Codec for CodecService {
     async fn encode(
@@ -321,25 +350,14 @@ impl pb::codec_server::Codec for CodecService {
             .stream_encode(&model, enc, format.sample_rate_hz, channels, bw, opts)
             .map_err(status)?;
         let first_audio = first.audio;
-        tokio::spawn(async move {
-            if !first_audio.is_empty() && input.send(first_audio).await.is_err() {
-                return;
+        let first_audio = (!first_audio.is_empty()).then_some(first_audio);
+        pump(inbound, input, first_audio, |m: pb::StreamEncodeRequest| {
+            // Only the first message may configure; a second config is a client bug.
+            if m.config.is_some() {
+                Err(())
+            } else {
+                Ok((!m.audio.is_empty()).then_some(m.audio))
             }
-            while let Some(msg) = inbound.next().await {
-                match msg {
-                    Ok(m) => {
-                        if m.config.is_some() {
-                            // Only the first message may configure; a second one is a client bug.
-                            return;
-                        }
-                        if !m.audio.is_empty() && input.send(m.audio).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return, // client error/cancel: dropping `input` cancels
-                }
-            }
-            let _ = input.end().await;
         });
         let (name, rate) = (info.name, info.sample_rate);
         Ok(Response::new(forward(session, move |ev| {
@@ -388,29 +406,18 @@ impl pb::codec_server::Codec for CodecService {
         let model = cfg.model.map(|m| m.name).unwrap_or_default();
         let (input, session) = self.engine.stream_decode(&model, opts).map_err(status)?;
         let first_codes = first.codes;
-        tokio::spawn(async move {
-            if let Some(c) = first_codes
-                && input.send(codes_from_pb(c)).await.is_err()
-            {
-                return;
-            }
-            while let Some(msg) = inbound.next().await {
-                match msg {
-                    Ok(m) => {
-                        if m.config.is_some() {
-                            return;
-                        }
-                        if let Some(c) = m.codes
-                            && input.send(codes_from_pb(c)).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
+        pump(
+            inbound,
+            input,
+            first_codes.map(codes_from_pb),
+            |m: pb::StreamDecodeRequest| {
+                if m.config.is_some() {
+                    Err(())
+                } else {
+                    Ok(m.codes.map(codes_from_pb))
                 }
-            }
-            let _ = input.end().await;
-        });
+            },
+        );
         Ok(Response::new(forward(session, move |ev| match ev {
             CodecEvent::Audio { start_sample, pcm } => {
                 let (audio, format) = encode_audio(&pcm, out)?;

@@ -29,22 +29,27 @@ impl pb::models_server::Models for ModelsService {
             .models()
             .into_iter()
             .filter(|m| kind.is_empty() || m.kind.as_str() == kind)
-            .map(|m| pb::ModelInfo {
-                name: m.name,
-                kind: m.kind.as_str().into(),
-                architecture: m.architecture,
-                sample_rate_hz: m.sample_rate,
-                channels: m.channels.into(),
-                frame_rate: m.frame_rate,
-                num_codebooks: m.num_codebooks as u32,
-                codebook_size: m.codebook_size as u32,
-                bandwidths_kbps: m.bandwidths_kbps,
-                parameters: m.parameters,
-                untrained: m.untrained,
-                card: m.card,
-                source: m.source,
-            })
+            .map(model_info)
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+/// The API's description of a loaded model.
+pub fn model_info(m: cadenza_engine::ModelInfo) -> pb::ModelInfo {
+    pb::ModelInfo {
+        name: m.name,
+        kind: m.kind.as_str().into(),
+        architecture: m.architecture,
+        sample_rate_hz: m.sample_rate,
+        channels: m.channels.into(),
+        frame_rate: m.frame_rate,
+        num_codebooks: m.num_codebooks as u32,
+        codebook_size: m.codebook_size as u32,
+        bandwidths_kbps: m.bandwidths_kbps,
+        parameters: m.parameters,
+        untrained: m.untrained,
+        card: m.card,
+        source: m.source,
     }
 }

@@ -10,6 +10,8 @@
 //!   `norm1`, `cross_attention.in_proj_weight`, `cross_attention.out_proj`, `norm_cross`,
 //!   `linear1`, `linear2`, `norm2` (`audiocraft/modules/transformer.py`).
 
+use std::sync::Mutex;
+
 use candle_core::{D, DType, Device, Module, Result, Tensor, bail};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
@@ -47,6 +49,84 @@ fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((o, i), "weight")?;
     let b = if bias { Some(vb.get(o, "bias")?) } else { None };
     Ok(Linear::new(w, b))
+}
+
+/// Rows (product of the leading dims of `x`) up to which [`linear_fwd`] computes `x @ W^T` as
+/// `(W @ x^T)^T`. Decode steps have one row per batch row, and candle's CPU gemm (crate `gemm`)
+/// reads the `(out, in)` weight of `x @ W^T` slowly at such shapes: one row takes its
+/// single-threaded GEMV path (~7 GB/s), a few rows its small-m GEMM (2-6 GB/s). With `W` as
+/// the left operand and at least 2 columns, it streams the weight at 14-19 GB/s on 2 cores
+/// (2..64 rows, musicgen-small shapes; `models/musicgen/examples/matmul_probe.rs`).
+const SMALL_ROWS: usize = 64;
+
+/// `x @ W^T (+ b)` for `x` (..., in) and `W` (out, in): [`Linear::forward`], computed as
+/// `(W @ x^T)^T` when `x` has at most [`SMALL_ROWS`] rows.
+fn linear_fwd(w: &Tensor, b: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        bail!("linear: scalar input")
+    };
+    let m: usize = lead.iter().product();
+    if m == 0 || m > SMALL_ROWS {
+        let y = Linear::new(w.clone(), None).forward(x)?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let x2 = x.reshape((m, k))?;
+    let y = if m <= DOT_ROWS {
+        dot_blocks(w, &x2)?.t()?
+    } else {
+        w.matmul(&x2.t()?)?.t()? // (m, out), column-major
+    };
+    // The bias add (or the copy) also makes the result row-major.
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y.contiguous()?,
+    };
+    let mut shape = lead.to_vec();
+    shape.push(w.dim(0)?);
+    y.reshape(shape)
+}
+
+/// Up to this many rows, [`linear_fwd`] uses [`dot_blocks`].
+const DOT_ROWS: usize = 2;
+
+/// `W @ x^T` (out, n) for `x` (n, in) with n <= 2, as one gemm call per block of W rows small
+/// enough (rows * n <= 256) for gemm's dot-product ("horizontal") kernel, which streams the
+/// row-major weight directly; the blocks are spread over candle's CPU thread pool. 20-25 GB/s
+/// of weight reads on 2 cores where gemm's own threading of `W @ x^T` gets 14-19 GB/s
+/// (`models/musicgen/examples/matmul_probe.rs`).
+fn dot_blocks(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (o, _) = w.dims2()?;
+    let n = x.dim(0)?;
+    let rows = (256 / n.max(1)).max(1);
+    let blocks = o.div_ceil(rows);
+    let xt = x.t()?;
+    let out: Vec<Mutex<Option<Result<Tensor>>>> = (0..blocks).map(|_| Mutex::new(None)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(blocks, |range| {
+        for i in range {
+            let lo = i * rows;
+            let y = w
+                .narrow(0, lo, rows.min(o - lo))
+                .and_then(|wb| wb.matmul(&xt));
+            *out[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(y);
+        }
+    });
+    let ys = out
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(candle_core::Error::Msg("linear: block not run".into())))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&ys, 0)
+}
+
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    linear_fwd(l.weight(), l.bias(), x)
 }
 
 fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
@@ -128,8 +208,7 @@ impl Attention {
         let w = candle_nn::ops::softmax_last_dim(&w)?;
         let o = w.matmul(v)?; // (B, H, T, Dh)
         let (b, h, t, dh) = o.dims4()?;
-        self.out
-            .forward(&o.transpose(1, 2)?.reshape((b, t, h * dh))?)
+        lin(&self.out, &o.transpose(1, 2)?.reshape((b, t, h * dh))?)
     }
 }
 
@@ -254,13 +333,9 @@ impl DecoderLayer {
         };
         let d = cond.dim(D::Minus1)?;
         // K and V rows of the fused projection.
-        let w = attn.qkv.weight();
-        let kv_w = w.narrow(0, d, 2 * d)?;
-        let kv = cond.broadcast_matmul(&kv_w.t()?)?;
-        let kv = match attn.qkv.bias() {
-            Some(b) => kv.broadcast_add(&b.narrow(0, d, 2 * d)?)?,
-            None => kv,
-        };
+        let kv_w = attn.qkv.weight().narrow(0, d, 2 * d)?;
+        let kv_b = attn.qkv.bias().map(|b| b.narrow(0, d, 2 * d)).transpose()?;
+        let kv = linear_fwd(&kv_w, kv_b.as_ref(), cond)?;
         let k = attn.split(&kv.narrow(D::Minus1, 0, d)?)?;
         let v = attn.split(&kv.narrow(D::Minus1, d, d)?)?;
         let mask = match mask {
@@ -285,7 +360,7 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let h = self.norm_self.forward(x)?;
-        let qkv = self.self_attn.qkv.forward(&h)?;
+        let qkv = lin(&self.self_attn.qkv, &h)?;
         let q = self.self_attn.split(&qkv.narrow(D::Minus1, 0, d)?)?;
         let k = self.self_attn.split(&qkv.narrow(D::Minus1, d, d)?)?;
         let v = self.self_attn.split(&qkv.narrow(D::Minus1, 2 * d, d)?)?;
@@ -295,11 +370,8 @@ impl DecoderLayer {
             (Some((norm, attn)), Some(kv)) => {
                 let h = norm.forward(&x)?;
                 let wq = attn.qkv.weight().narrow(0, 0, d)?;
-                let q = h.broadcast_matmul(&wq.t()?)?;
-                let q = match attn.qkv.bias() {
-                    Some(b) => q.broadcast_add(&b.narrow(0, 0, d)?)?,
-                    None => q,
-                };
+                let bq = attn.qkv.bias().map(|b| b.narrow(0, 0, d)).transpose()?;
+                let q = linear_fwd(&wq, bq.as_ref(), &h)?;
                 let q = attn.split(&q)?;
                 (&x + attn.attend(&q, &kv.k, &kv.v, kv.mask.as_ref())?)?
             }
@@ -307,7 +379,7 @@ impl DecoderLayer {
             _ => x,
         };
         let h = self.norm_ff.forward(&x)?;
-        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu_erf()?)?;
+        let h = lin(&self.fc2, &lin(&self.fc1, &h)?.gelu_erf()?)?;
         x + h
     }
 }

@@ -125,7 +125,8 @@ fn dot_blocks(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     Tensor::cat(&ys, 0)
 }
 
-fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+/// `l.forward(x)`, through the fast paths for decode-step shapes (see [`SMALL_ROWS`]).
+pub fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
     linear_fwd(l.weight(), l.bias(), x)
 }
 

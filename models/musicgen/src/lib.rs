@@ -244,7 +244,7 @@ impl Lm {
         caches: &mut [KvCache],
         cross: &[CrossKv],
     ) -> Result<Tensor> {
-        let (b, k, t) = tokens.dims3()?;
+        let (_, k, t) = tokens.dims3()?;
         if k != self.embeds.len() {
             bail!(
                 "musicgen: {k} codebooks given, the model has {}",
@@ -271,9 +271,8 @@ impl Lm {
         let logits = self
             .heads
             .iter()
-            .map(|h| h.forward(&x))
+            .map(|h| cadenza_nn::transformer::lin(h, &x))
             .collect::<Result<Vec<_>>>()?;
-        let _ = b;
         Tensor::stack(&logits, 1)
     }
 }

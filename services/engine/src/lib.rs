@@ -364,7 +364,15 @@ impl Engine {
                 format!("{} bytes; the limit is 2000", req.prompt.len()),
             ));
         }
-        let max_s = self.inner.cfg.max_music_seconds;
+        // The model's own limit (`generation_config.json` `max_length`: BOS + frames + delays)
+        // and the server's, whichever is lower.
+        let model_max_s = (m
+            .model
+            .defaults
+            .max_length
+            .saturating_sub(1 + m.model.pattern.max_delay())) as f64
+            / m.model.frame_rate();
+        let max_s = self.inner.cfg.max_music_seconds.min(model_max_s);
         if !req.duration_s.is_finite() || req.duration_s <= 0.0 || req.duration_s as f64 > max_s {
             return Err(EngineError::invalid(
                 "duration_s",

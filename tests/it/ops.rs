@@ -169,8 +169,17 @@ async fn slow_consumer_is_dropped_with_a_status() -> Result<()> {
             }
         }
     });
-    // Do not read for longer than the timeout, then drain: the stream must end with an error.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Do not read at all until the server has dropped the session (its output stays blocked for
+    // longer than the timeout), however slow the machine; then drain: the stream must end with
+    // an error after what was already buffered.
+    let t = Instant::now();
+    while srv.engine.load() != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the slow reader was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut status = None;
     while let Some(m) = s.next().await {
         if let Err(e) = m {

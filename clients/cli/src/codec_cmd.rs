@@ -58,9 +58,9 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// An in-process engine for `--local`: `--model DIR` loads that directory, otherwise the
-/// configuration's models are used and `--model` names one of them.
-fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
+/// An in-process engine for `--local`: `--model DIR` loads that directory as a model of `kind`,
+/// otherwise the configuration's models are used and `--model` names one of them.
+pub(crate) fn local_engine_of(args: &ClientArgs, kind: ModelKind) -> Result<(Engine, String)> {
     if let Some(m) = &args.model
         && Path::new(m).is_dir()
     {
@@ -72,7 +72,7 @@ fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
             .unwrap_or_else(|| "local".into());
         cfg.models = vec![ModelEntry {
             name: name.clone(),
-            kind: ModelKind::Codec,
+            kind,
             source: m.clone(),
             card: None,
             format: None,
@@ -84,6 +84,10 @@ fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
     }
     let (_cfg, engine) = crate::start_engine(args.config.as_deref())?;
     Ok((engine, args.model.clone().unwrap_or_default()))
+}
+
+fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
+    local_engine_of(args, ModelKind::Codec)
 }
 
 async fn connect_codec(
@@ -421,7 +425,7 @@ fn f32_samples(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-pub async fn list_models(args: &ClientArgs) -> Result<()> {
+pub async fn list_models(args: &ClientArgs, json: bool) -> Result<()> {
     let models: Vec<pb::ModelInfo> = if args.local {
         let (engine, _) = local_engine(args)?;
         let out = engine
@@ -446,7 +450,7 @@ pub async fn list_models(args: &ClientArgs) -> Result<()> {
             .models
     };
     for m in models {
-        if args.json {
+        if json {
             println!(
                 "{}",
                 serde_json::json!({

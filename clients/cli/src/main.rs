@@ -29,7 +29,13 @@ enum Command {
         action: ConfigAction,
     },
     /// List the models a server (or the local configuration) provides.
-    Models(ClientArgs),
+    Models {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Neural codec: audio to codes and back.
     Codec {
         #[command(subcommand)]
@@ -78,13 +84,10 @@ pub struct ClientArgs {
     /// With --local: configuration to load models from (default: built-in).
     #[arg(long, env = "CADENZA_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Model: a registry name on the server; with --local also a model directory
-    /// (e.g. a Hugging Face EnCodec directory). Default: the server's default model.
+    /// Model: a registry name (default: the server's default model of that kind); with --local
+    /// also a Hugging Face model directory (EnCodec for `codec`, MusicGen for `music`).
     #[arg(long)]
     pub model: Option<String>,
-    /// Print machine-readable JSON.
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -190,7 +193,7 @@ async fn run() -> Result<()> {
             print!("{}", cadenza_server::config::DEFAULT_CONFIG);
             Ok(())
         }
-        Command::Models(args) => codec_cmd::list_models(&args).await,
+        Command::Models { client, json } => codec_cmd::list_models(&client, json).await,
         Command::Codec { action } => codec_cmd::run(action).await,
         Command::Music(args) => music_cmd::run(args).await,
         Command::Bench {

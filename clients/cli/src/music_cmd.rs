@@ -116,7 +116,8 @@ fn append(acc: &mut Option<Pcm>, p: Pcm) {
 }
 
 async fn local(a: &MusicArgs) -> Result<Outcome> {
-    let (_cfg, engine) = crate::start_engine(a.client.config.as_deref())?;
+    let (engine, model) =
+        crate::codec_cmd::local_engine_of(&a.client, cadenza_engine::ModelKind::Music)?;
     let continuation = match &a.continue_from {
         Some(p) => Some(Continuation::Audio(AudioInput::File(
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
@@ -125,7 +126,7 @@ async fn local(a: &MusicArgs) -> Result<Outcome> {
     };
     let d = SamplingParams::default();
     let req = MusicRequest {
-        model: a.client.model.clone().unwrap_or_default(),
+        model,
         prompt: a.prompt.clone(),
         duration_s: a.duration,
         sampling: SamplingParams {

@@ -570,15 +570,14 @@ impl ResnetBlock {
                 let mut cat = vec![0f32; n * width];
                 kernels::with_f32(&h, |h| {
                     kernels::par_rows(&mut cat, width, |out, row0| {
-                        for (j, row) in out.chunks_exact_mut(width).enumerate() {
-                            let (t, r) = (t0 + row0 + j, row0 + j);
-                            row[..dim].copy_from_slice(&x[t * dim..(t + 1) * dim]);
-                            let hr = &h[r * hidden..(r + 1) * hidden];
-                            for (o, &v) in row[dim..dim + hidden].iter_mut().zip(hr) {
-                                *o = kernels::elu(v);
-                            }
-                            row[dim + hidden] = 1.0;
-                        }
+                        let (x, h) = (&x[(t0 + row0) * dim..], &h[row0 * hidden..]);
+                        kernels::simd(ConcatXEluH {
+                            out,
+                            x,
+                            h,
+                            dim,
+                            hidden,
+                        })
                     })
                 })?;
                 drop(prof);
@@ -590,6 +589,103 @@ impl ResnetBlock {
             }
         }
         Tm::new(out, b, len, dim)
+    }
+}
+
+/// Rows `[x | elu(h) | 1]` (widths `dim`, `hidden`, 1) into `out`.
+struct ConcatXEluH<'a> {
+    out: &'a mut [f32],
+    x: &'a [f32],
+    h: &'a [f32],
+    dim: usize,
+    hidden: usize,
+}
+
+impl kernels::Kernel for ConcatXEluH<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Self {
+            out,
+            x,
+            h,
+            dim,
+            hidden,
+        } = self;
+        concat_x_elu_h(out, x, h, dim, hidden)
+    }
+}
+
+#[inline(always)]
+fn concat_x_elu_h(out: &mut [f32], x: &[f32], h: &[f32], dim: usize, hidden: usize) {
+    let width = dim + hidden + 1;
+    for ((row, x), h) in out
+        .chunks_exact_mut(width)
+        .zip(x.chunks_exact(dim))
+        .zip(h.chunks_exact(hidden))
+    {
+        row[..dim].copy_from_slice(x);
+        for (o, &v) in row[dim..dim + hidden].iter_mut().zip(h) {
+            *o = kernels::elu(v);
+        }
+        row[dim + hidden] = 1.0;
+    }
+}
+
+/// Nearest codeword per row of `residual` (`d` wide) given `xe = residual · E^T` (`n` wide):
+/// writes the index to `best` and subtracts the codeword from the row.
+struct AssignCodes<'a> {
+    residual: &'a mut [f32],
+    xe: &'a [f32],
+    best: &'a mut [u32],
+    embed: &'a [f32],
+    esq: &'a [f32],
+    dist: &'a mut [f32],
+}
+
+impl kernels::Kernel for AssignCodes<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Self {
+            residual,
+            xe,
+            best,
+            embed,
+            esq,
+            dist,
+        } = self;
+        assign_codes(residual, xe, best, embed, esq, dist)
+    }
+}
+
+#[inline(always)]
+fn assign_codes(
+    residual: &mut [f32],
+    xe: &[f32],
+    best: &mut [u32],
+    embed: &[f32],
+    esq: &[f32],
+    dist: &mut [f32],
+) {
+    let d = embed.len() / esq.len();
+    for ((r, xe), best) in residual
+        .chunks_exact_mut(d)
+        .zip(xe.chunks_exact(esq.len()))
+        .zip(best)
+    {
+        // Same expression as the reference: argmax of -(|x|² - 2 x·e + |e|²).
+        let xx: f32 = r.iter().map(|v| v * v).sum();
+        for ((d, &xe), &es) in dist.iter_mut().zip(xe).zip(esq) {
+            *d = -((xx - xe * 2.0) + es);
+        }
+        let j = kernels::argmax(dist);
+        for (r, e) in r.iter_mut().zip(&embed[j * d..(j + 1) * d]) {
+            *r -= e;
+        }
+        *best = j as u32;
     }
 }
 
@@ -957,22 +1053,14 @@ impl Quantizer {
             // Nearest codeword per row, rows split over two threads.
             let assign = |residual: &mut [f32], xe: &[f32], best: &mut [u32]| {
                 let mut dist = vec![0f32; n];
-                for ((r, xe), best) in residual
-                    .chunks_exact_mut(d)
-                    .zip(xe.chunks_exact(n))
-                    .zip(best)
-                {
-                    // Same expression as the reference: argmax of -(|x|² - 2 x·e + |e|²).
-                    let xx: f32 = r.iter().map(|v| v * v).sum();
-                    for ((d, &xe), &es) in dist.iter_mut().zip(xe).zip(esq) {
-                        *d = -((xx - xe * 2.0) + es);
-                    }
-                    let j = kernels::argmax(&dist);
-                    for (r, e) in r.iter_mut().zip(&embed[j * d..(j + 1) * d]) {
-                        *r -= e;
-                    }
-                    *best = j as u32;
-                }
+                kernels::simd(AssignCodes {
+                    residual,
+                    xe,
+                    best,
+                    embed,
+                    esq,
+                    dist: &mut dist,
+                })
             };
             let mut best = vec![0u32; b * t];
             kernels::with_f32(&xe, |xe| {

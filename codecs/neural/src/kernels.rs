@@ -14,7 +14,10 @@
 //! last 1x1 conv with the shortcut in one gemm over `[x | elu(h) | 1]`.
 //!
 //! Elementwise code is plain Rust over slices, written so that it auto-vectorises (the
-//! exponential is a branch-free polynomial rather than `f32::exp`).
+//! exponential is a branch-free polynomial rather than `f32::exp`). The crate is built for
+//! baseline x86-64 (SSE2), so hot loops run through [`simd`], which compiles them a second time
+//! with AVX2 enabled and picks that copy at run time when the CPU has it. Only the vector width
+//! changes: no FMA contraction, same operation order, so results are bit-identical.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -38,6 +41,38 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
         Storage::Cpu(s) => Ok(f(&s.as_slice::<f32>()?[start..end])),
         _ => bail!("kernels: CPU tensors only"),
     }
+}
+
+/// A loop to compile for several instruction sets (see [`simd`]). `run` must be
+/// `#[inline(always)]` and call only `#[inline(always)]` code: only what is inlined into the
+/// dispatcher gets the wider instructions. (Closures are not enough: rustc does not inline them
+/// across codegen units.)
+pub(crate) trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Dispatch<K>(K);
+
+impl<K: Kernel> pulp::NullaryFnOnce for Dispatch<K> {
+    type Output = K::Output;
+
+    #[inline(always)]
+    fn call(self) -> K::Output {
+        self.0.run()
+    }
+}
+
+/// Runs `k` compiled with AVX2 (and the rest of x86-64-v3) enabled when the CPU supports it,
+/// else as compiled for the baseline.
+#[inline(always)]
+pub(crate) fn simd<K: Kernel>(k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        return v3.vectorize(Dispatch(k));
+    }
+    k.run()
 }
 
 /// Copies a tensor's f32 data out (contiguous order).
@@ -95,8 +130,19 @@ pub(crate) fn tanh(x: f32) -> f32 {
 
 /// Applies ELU to a slice in place.
 pub(crate) fn elu_inplace(xs: &mut [f32]) {
-    for x in xs.iter_mut() {
-        *x = elu(*x);
+    par_rows(xs, 1, |xs, _| simd(EluSlice(xs)));
+}
+
+struct EluSlice<'a>(&'a mut [f32]);
+
+impl Kernel for EluSlice<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for x in self.0.iter_mut() {
+            *x = elu(*x);
+        }
     }
 }
 
@@ -254,22 +300,71 @@ pub(crate) fn pad_rows_range(
     ones: bool,
     f: impl Fn(f32) -> f32 + Sync,
 ) -> Vec<f32> {
-    let len = x.len() / c;
     let mut out = vec![0f32; n * width];
-    let fill = |out: &mut [f32], row0: usize| {
+    let rows = PadRows {
+        x,
+        c,
+        left,
+        right,
+        mode,
+        width,
+        ones,
+    };
+    par_rows(&mut out, width, |out, row0| {
+        simd(PadFill {
+            rows: &rows,
+            out,
+            p0: p0 + row0,
+            f: &f,
+        })
+    });
+    out
+}
+
+struct PadFill<'a, F> {
+    rows: &'a PadRows<'a>,
+    out: &'a mut [f32],
+    p0: usize,
+    f: &'a F,
+}
+
+impl<F: Fn(f32) -> f32> Kernel for PadFill<'_, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        self.rows.fill(self.out, self.p0, self.f)
+    }
+}
+
+/// What [`pad_rows_range`] builds.
+struct PadRows<'a> {
+    x: &'a [f32],
+    c: usize,
+    left: usize,
+    right: usize,
+    mode: PadMode,
+    width: usize,
+    ones: bool,
+}
+
+impl PadRows<'_> {
+    /// Fills `out` (zeroed) with padded rows `p0..`.
+    #[inline(always)]
+    fn fill(&self, out: &mut [f32], p0: usize, f: &impl Fn(f32) -> f32) {
+        let (c, width) = (self.c, self.width);
+        let len = self.x.len() / c;
         for (i, row) in out.chunks_exact_mut(width).enumerate() {
-            if let Some(src) = pad_source(p0 + row0 + i, len, left, right, mode) {
-                for (o, &v) in row[..c].iter_mut().zip(&x[src * c..src * c + c]) {
+            if let Some(src) = pad_source(p0 + i, len, self.left, self.right, self.mode) {
+                for (o, &v) in row[..c].iter_mut().zip(&self.x[src * c..src * c + c]) {
                     *o = f(v);
                 }
             }
-            if ones {
+            if self.ones {
                 row[c] = 1.0;
             }
         }
-    };
-    par_rows(&mut out, width, fill);
-    out
+    }
 }
 
 /// [`pad_rows_range`] over all rows.
@@ -310,10 +405,11 @@ const PAR_MIN: usize = 1 << 16;
 /// f32, exact below 2^23).
 const UNFOLD_MAX: usize = 1 << 22;
 
-/// Input floats per tile of a tiled conv: small enough that a tile's input, im2col packing and
-/// output stay in cache and that its buffers are recycled by the allocator, large enough for
-/// efficient gemms.
-const TILE_FLOATS: usize = 1 << 19;
+/// Input floats per tile of a tiled conv (8 MiB): small enough that a tile's input and output
+/// stay in L2/L3 and that its buffers are recycled by the allocator (below glibc's 32 MiB mmap
+/// threshold), large enough for efficient gemms (measured: 2^21 beats 2^18..2^20 and 2^22 by
+/// 10-40 ms per encode on the 24 kHz model).
+const TILE_FLOATS: usize = 1 << 21;
 
 /// One conv on a time-major input, tiled over output rows.
 #[derive(Debug, Clone, Copy)]
@@ -390,13 +486,15 @@ impl ConvSpec<'_> {
         if self.wt.dim(1)? == 1 && self.dilation == 1 {
             // One output channel: a gemm would be a badly-shaped gemv; do windowed dots.
             let wcol = to_vec(self.wt)?;
-            let (kw, sw) = (self.k * w, self.stride * w);
+            let sw = self.stride * w;
             let mut out = vec![0f32; n];
             par_rows(&mut out, 1, |o, t0| {
-                for (i, o) in o.iter_mut().enumerate() {
-                    let s = (t0 + i) * sw;
-                    *o = dot(&buf[s..s + kw], &wcol);
-                }
+                simd(WindowDots {
+                    out: o,
+                    x: &buf[t0 * sw..],
+                    step: sw,
+                    w: &wcol,
+                })
             });
             return Tensor::from_vec(out, (n, 1), self.wt.device());
         }
@@ -578,6 +676,7 @@ pub(crate) fn group_norm1(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f64)
 
 /// Index of the first maximum of `xs` (NaN-free input), vectorised: lane-wise maxima first,
 /// then the first position holding the maximum.
+#[inline(always)]
 pub(crate) fn argmax(xs: &[f32]) -> usize {
     let n = xs.len() / 8 * 8;
     let mut acc = [f32::NEG_INFINITY; 8];
@@ -595,8 +694,28 @@ pub(crate) fn argmax(xs: &[f32]) -> usize {
     xs.iter().position(|&v| v == m).unwrap_or(0)
 }
 
+/// `out[i] = dot(x[i * step ..][..w.len()], w)`.
+struct WindowDots<'a> {
+    out: &'a mut [f32],
+    x: &'a [f32],
+    step: usize,
+    w: &'a [f32],
+}
+
+impl Kernel for WindowDots<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for (i, o) in self.out.iter_mut().enumerate() {
+            let s = i * self.step;
+            *o = dot(&self.x[s..s + self.w.len()], self.w);
+        }
+    }
+}
+
 /// Dot product with 16 independent accumulators (auto-vectorised).
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len()) / 16 * 16;
     let mut acc = [0f32; 16];
@@ -648,6 +767,33 @@ impl SpinBarrier {
 /// One LSTM time step for the hidden units `units` (a range of `0..h`): gates from `proj`
 /// (`4h`) plus `w_rows · h_prev` (`w_rows`: the `4 * units.len()` rows of `W_hh` for these
 /// units, gate-major), then the cell update. Writes the new `h` of these units to `h_new`.
+struct LstmUnits<'a> {
+    proj: &'a [f32],
+    w_rows: &'a [f32],
+    h_prev: &'a [f32],
+    c: &'a mut [f32],
+    h_new: &'a mut [f32],
+    u0: usize,
+}
+
+impl Kernel for LstmUnits<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Self {
+            proj,
+            w_rows,
+            h_prev,
+            c,
+            h_new,
+            u0,
+        } = self;
+        lstm_units(proj, w_rows, h_prev, c, h_new, u0)
+    }
+}
+
+#[inline(always)]
 fn lstm_units(
     proj: &[f32],
     w_rows: &[f32],
@@ -657,17 +803,49 @@ fn lstm_units(
     u0: usize,
 ) {
     let (h, n) = (h_prev.len(), c.len());
-    let gate = |g: usize, u: usize| {
-        proj[g * h + u0 + u] + dot(&w_rows[(g * n + u) * h..(g * n + u + 1) * h], h_prev)
-    };
+    let row = |g: usize, u: usize| &w_rows[(g * n + u) * h..(g * n + u + 1) * h];
     for u in 0..n {
-        let i = sigmoid(gate(0, u));
-        let f = sigmoid(gate(1, u));
-        let g = tanh(gate(2, u));
-        let o = sigmoid(gate(3, u));
+        let d = dot4([row(0, u), row(1, u), row(2, u), row(3, u)], h_prev);
+        let gate = |g: usize| proj[g * h + u0 + u] + d[g];
+        let i = sigmoid(gate(0));
+        let f = sigmoid(gate(1));
+        let g = tanh(gate(2));
+        let o = sigmoid(gate(3));
         c[u] = f * c[u] + i * g;
         h_new[u] = o * tanh(c[u]);
     }
+}
+
+/// Four [`dot`]s with the same `b`, sharing its loads; each result is bit-identical to `dot`.
+#[inline(always)]
+fn dot4(a: [&[f32]; 4], b: &[f32]) -> [f32; 4] {
+    let len = a.iter().map(|r| r.len()).fold(b.len(), usize::min);
+    let n = len / 16 * 16;
+    let (mut s0, mut s1, mut s2, mut s3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    for ((((y, x0), x1), x2), x3) in b[..n]
+        .chunks_exact(16)
+        .zip(a[0][..n].chunks_exact(16))
+        .zip(a[1][..n].chunks_exact(16))
+        .zip(a[2][..n].chunks_exact(16))
+        .zip(a[3][..n].chunks_exact(16))
+    {
+        for j in 0..16 {
+            s0[j] += x0[j] * y[j];
+            s1[j] += x1[j] * y[j];
+            s2[j] += x2[j] * y[j];
+            s3[j] += x3[j] * y[j];
+        }
+    }
+    let fin = |acc: &[f32; 16], a: &[f32]| {
+        let tail: f32 = a[n..len].iter().zip(&b[n..len]).map(|(x, y)| x * y).sum();
+        acc.iter().sum::<f32>() + tail
+    };
+    [
+        fin(&s0, a[0]),
+        fin(&s1, a[1]),
+        fin(&s2, a[2]),
+        fin(&s3, a[3]),
+    ]
 }
 
 /// Rows of `W_hh` (`(4h, h)`, gate-major) for units `u0..u1`, gate-major.
@@ -702,8 +880,22 @@ pub(crate) fn lstm_recurrence(
         for (p, o) in proj.chunks_exact(4 * h).zip(out.chunks_exact_mut(h)) {
             let (c0, c1) = cs.split_at_mut(mid);
             let (n0, n1) = h_new.split_at_mut(mid);
-            lstm_units(p, &halves[0], hs, c0, n0, 0);
-            lstm_units(p, &halves[1], hs, c1, n1, mid);
+            simd(LstmUnits {
+                proj: p,
+                w_rows: &halves[0],
+                h_prev: hs,
+                c: c0,
+                h_new: n0,
+                u0: 0,
+            });
+            simd(LstmUnits {
+                proj: p,
+                w_rows: &halves[1],
+                h_prev: hs,
+                c: c1,
+                h_new: n1,
+                u0: mid,
+            });
             hs.copy_from_slice(&h_new);
             o.copy_from_slice(hs);
         }
@@ -728,14 +920,14 @@ pub(crate) fn lstm_recurrence(
             }
             // Everyone has read h(step - 1) before anyone overwrites it.
             barrier.wait();
-            lstm_units(
-                &proj[step * 4 * h..(step + 1) * 4 * h],
-                &halves[half],
-                &h_prev,
+            simd(LstmUnits {
+                proj: &proj[step * 4 * h..(step + 1) * 4 * h],
+                w_rows: &halves[half],
+                h_prev: &h_prev,
                 c,
-                &mut h_new,
+                h_new: &mut h_new,
                 u0,
-            );
+            });
             for (s, v) in shared[u0..u1].iter().zip(&h_new) {
                 s.store(v.to_bits(), Ordering::Relaxed);
             }

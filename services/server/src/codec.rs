@@ -198,6 +198,14 @@ fn forward<T: Send + 'static>(
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// The first message of a client stream, which must exist (it carries the config).
+async fn first_message<M>(inbound: &mut Streaming<M>) -> Result<M, Status> {
+    inbound
+        .message()
+        .await?
+        .ok_or_else(|| invalid("config", "the stream ended before its first message"))
+}
+
 /// Feeds a client stream into a session: `first` (from the config message), then every message's
 /// payload, then a clean end. A client error, a cancelled stream or a protocol violation (`Err`
 /// from `payload`) drops the input instead, which cancels the session.
@@ -324,10 +332,7 @@ impl pb::codec_server::Codec for CodecService {
     ) -> Result<Response<Self::StreamEncodeStream>, Status> {
         let opts = request_options(&request)?;
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| invalid("config", "the stream ended before its first message"))?;
+        let first = first_message(&mut inbound).await?;
         let cfg = first
             .config
             .ok_or_else(|| invalid("config", "the first message must carry the config"))?;
@@ -394,10 +399,7 @@ impl pb::codec_server::Codec for CodecService {
     ) -> Result<Response<Self::StreamDecodeStream>, Status> {
         let opts = request_options(&request)?;
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| invalid("config", "the stream ended before its first message"))?;
+        let first = first_message(&mut inbound).await?;
         let cfg = first
             .config
             .ok_or_else(|| invalid("config", "the first message must carry the config"))?;

@@ -60,7 +60,7 @@ fi
 echo "${torch_json}" >&2
 
 echo "== Cadenza (candle)" >&2
-cadenza_out="$(cd "${repo_root}" && "${cargo}" run --release -q -p cadenza-cli -- \
+cadenza_out="$(cd "${repo_root}" && RAYON_NUM_THREADS="${threads}" "${cargo}" run --release -q -p cadenza-cli -- \
     bench codec --model "${model_dir}" --input "${model_dir}/input.safetensors" \
     --threads "${threads}" --json)"
 cadenza_json="$(printf '%s\n' "${cadenza_out}" | json_line)"

@@ -106,6 +106,10 @@ enum BenchAction {
         /// Timed repetitions; the best is reported.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Expected CPU threads; candle takes its thread count from RAYON_NUM_THREADS, so a
+        /// mismatch is an error rather than a silently different benchmark.
+        #[arg(long)]
+        threads: Option<usize>,
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
@@ -203,9 +207,16 @@ async fn run() -> Result<()> {
                     input,
                     bandwidth,
                     repeats,
+                    threads,
                     json,
                 },
-        } => codec_cmd::bench(&model, &input, bandwidth, repeats, json),
+        } => {
+            let have = candle_core::utils::get_num_threads();
+            if let Some(t) = threads.filter(|&t| t != have) {
+                anyhow::bail!("--threads {t}, but candle uses {have}: set RAYON_NUM_THREADS={t}");
+            }
+            codec_cmd::bench(&model, &input, bandwidth, repeats, json)
+        }
     }
 }
 

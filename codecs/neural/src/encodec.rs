@@ -212,6 +212,24 @@ fn load_conv_weight(vb: &VarBuilder, shape: (usize, usize, usize)) -> Result<Ten
     v.broadcast_mul(&g.broadcast_div(&norm)?)
 }
 
+/// An `EncodecConv1d`/`EncodecConvTranspose1d` module's parameters: `conv.{weight…, bias}` and,
+/// for time-group-norm models, `norm.{weight, bias}`.
+fn load_conv(
+    cfg: &Config,
+    vb: &VarBuilder,
+    shape: (usize, usize, usize),
+    c_out: usize,
+) -> Result<(Tensor, Tensor, Option<GroupNorm1>)> {
+    let conv_vb = vb.pp("conv");
+    let weight = load_conv_weight(&conv_vb, shape)?;
+    let bias = conv_vb.get(c_out, "bias")?;
+    let norm = match cfg.norm_type {
+        NormType::WeightNorm => None,
+        NormType::TimeGroupNorm => Some(GroupNorm1::new(c_out, vb.pp("norm"))?),
+    };
+    Ok((weight, bias, norm))
+}
+
 /// `GroupNorm(1, C)` over (C, T) of each batch item (the reference's "time group norm").
 #[derive(Debug, Clone)]
 struct GroupNorm1 {
@@ -262,13 +280,7 @@ impl Conv1d {
         dilation: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let conv_vb = vb.pp("conv");
-        let weight = load_conv_weight(&conv_vb, (c_out, c_in, k))?;
-        let bias = conv_vb.get(c_out, "bias")?;
-        let norm = match cfg.norm_type {
-            NormType::WeightNorm => None,
-            NormType::TimeGroupNorm => Some(GroupNorm1::new(c_out, vb.pp("norm"))?),
-        };
+        let (weight, bias, norm) = load_conv(cfg, &vb, (c_out, c_in, k), c_out)?;
         Ok(Self {
             wt: kernels::conv_weight_t(&weight, Some(&bias), c_in + 1)?,
             norm,
@@ -369,14 +381,8 @@ impl ConvTranspose1d {
         stride: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let conv_vb = vb.pp("conv");
         // ConvTranspose1d weights are (in, out, k); weight norm is over dim 0 there too.
-        let weight = load_conv_weight(&conv_vb, (c_in, c_out, k))?;
-        let bias = conv_vb.get(c_out, "bias")?;
-        let norm = match cfg.norm_type {
-            NormType::WeightNorm => None,
-            NormType::TimeGroupNorm => Some(GroupNorm1::new(c_out, vb.pp("norm"))?),
-        };
+        let (weight, bias, norm) = load_conv(cfg, &vb, (c_in, c_out, k), c_out)?;
         let total = k - stride;
         let pad_right = if cfg.use_causal_conv {
             (total as f64 * cfg.trim_right_ratio).ceil() as usize

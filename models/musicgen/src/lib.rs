@@ -89,6 +89,14 @@ impl Default for GenerationDefaults {
     }
 }
 
+/// Where one checkpoint layout keeps the LM's parts.
+struct LmKeys<'a> {
+    embeds: VarBuilder<'a>,
+    layers: VarBuilder<'a>,
+    norm: VarBuilder<'a>,
+    heads: VarBuilder<'a>,
+}
+
 /// The LM: per-codebook embeddings (vocab + 1 rows: the extra one is the BOS/pad token),
 /// sinusoidal positions, pre-norm layers with cross-attention, a final norm, per-codebook heads.
 #[derive(Debug, Clone)]
@@ -117,14 +125,6 @@ impl Lm {
         }
         let dec = vb.pp("model.decoder");
         let (d, k, v) = (cfg.hidden_size, cfg.num_codebooks, cfg.vocab_size);
-        let embeds = (0..k)
-            .map(|i| {
-                Ok(Embedding::new(
-                    dec.pp("embed_tokens").pp(i).get((v + 1, d), "weight")?,
-                    d,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let lc = LayerConfig {
             dim: d,
             heads: cfg.num_attention_heads,
@@ -135,18 +135,44 @@ impl Lm {
             cross_attention: true,
             style: KeyStyle::HuggingFace,
         };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&lc, dec.pp("layers").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
-        let ln = dec.pp("layer_norm");
-        let norm = LayerNorm::new(ln.get(d, "weight")?, ln.get(d, "bias")?, 1e-5);
-        let heads = (0..k)
+        // transformers 5.24 computes `embed_scale` from `scale_embedding` but never applies it
+        // (modeling_musicgen.py, MusicgenDecoder.__init__/forward); neither do we.
+        let keys = LmKeys {
+            embeds: dec.pp("embed_tokens"),
+            layers: dec.pp("layers"),
+            norm: dec.pp("layer_norm"),
+            heads: vb.pp("lm_heads"),
+        };
+        Self::build(keys, &lc, k, v, cfg.num_hidden_layers)
+    }
+
+    /// The layers every layout has, read under that layout's key prefixes.
+    fn build(
+        keys: LmKeys,
+        lc: &LayerConfig,
+        k: usize,
+        v: usize,
+        num_layers: usize,
+    ) -> Result<Self> {
+        let d = lc.dim;
+        let embeds = (0..k)
             .map(|i| {
-                Ok(Linear::new(
-                    vb.pp("lm_heads").pp(i).get((v, d), "weight")?,
-                    None,
+                Ok(Embedding::new(
+                    keys.embeds.pp(i).get((v + 1, d), "weight")?,
+                    d,
                 ))
             })
+            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..num_layers)
+            .map(|i| DecoderLayer::new(lc, keys.layers.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = LayerNorm::new(
+            keys.norm.get(d, "weight")?,
+            keys.norm.get(d, "bias")?,
+            lc.norm_eps,
+        );
+        let heads = (0..k)
+            .map(|i| Ok(Linear::new(keys.heads.pp(i).get((v, d), "weight")?, None)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embeds,
@@ -154,9 +180,7 @@ impl Lm {
             norm,
             heads,
             dim: d,
-            n_heads: cfg.num_attention_heads,
-            // transformers 5.24 computes `embed_scale` from `scale_embedding` but never applies
-            // it (modeling_musicgen.py, MusicgenDecoder.__init__/forward); neither do we.
+            n_heads: lc.heads,
             card: v,
         })
     }
@@ -164,47 +188,23 @@ impl Lm {
     /// Loads audiocraft's `LMModel` layout (`emb.K`, `transformer.layers.N`, `out_norm`,
     /// `linears.K`) from the root of `best_state`.
     pub fn new_audiocraft(cfg: &audiocraft::TransformerLmCfg, vb: VarBuilder) -> Result<Self> {
-        let (d, k, v) = (cfg.dim, cfg.n_q, cfg.card);
-        let embeds = (0..k)
-            .map(|i| {
-                Ok(Embedding::new(
-                    vb.pp("emb").pp(i).get((v + 1, d), "weight")?,
-                    d,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let lc = LayerConfig {
-            dim: d,
+            dim: cfg.dim,
             heads: cfg.num_heads,
-            ffn_dim: d * cfg.hidden_scale,
+            ffn_dim: cfg.dim * cfg.hidden_scale,
             bias_attn: cfg.bias_attn,
             bias_ff: cfg.bias_ff,
             norm_eps: 1e-5,
             cross_attention: true,
             style: KeyStyle::Audiocraft,
         };
-        let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::new(&lc, vb.pp("transformer.layers").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
-        let ln = vb.pp("out_norm");
-        let norm = LayerNorm::new(ln.get(d, "weight")?, ln.get(d, "bias")?, 1e-5);
-        let heads = (0..k)
-            .map(|i| {
-                Ok(Linear::new(
-                    vb.pp("linears").pp(i).get((v, d), "weight")?,
-                    None,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            embeds,
-            layers,
-            norm,
-            heads,
-            dim: d,
-            n_heads: cfg.num_heads,
-            card: v,
-        })
+        let keys = LmKeys {
+            embeds: vb.pp("emb"),
+            layers: vb.pp("transformer.layers"),
+            norm: vb.pp("out_norm"),
+            heads: vb.pp("linears"),
+        };
+        Self::build(keys, &lc, cfg.n_q, cfg.card, cfg.num_layers)
     }
 
     /// Codebooks.

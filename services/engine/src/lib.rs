@@ -198,6 +198,30 @@ impl Engine {
         Ok(self.inner.registry.codec(model)?.info.clone())
     }
 
+    /// Makes a session's output channel, builds its task on it and admits it to the worker.
+    fn spawn<E, T>(
+        &self,
+        task: impl FnOnce(session::Output<E>) -> Result<T, EngineError>,
+    ) -> Result<Session<E>, EngineError>
+    where
+        T: worker::Task + 'static,
+    {
+        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
+        let admitted = self.inner.worker.submit(Box::new(task((tx, slot))?))?;
+        Ok(Session {
+            admitted,
+            events: rx,
+        })
+    }
+
+    /// The input side of a streaming session, waking the worker on every send.
+    fn input<T>(&self, tx: mpsc::Sender<StreamInput<T>>) -> SessionInput<T> {
+        SessionInput {
+            tx: Some(tx),
+            waker: self.inner.worker.waker(),
+        }
+    }
+
     /// Encodes a whole input to codes. Events: `Codes` (one per step, or per chunk with its
     /// scale for chunked models), `Progress`, then `Encoded`.
     pub fn encode(
@@ -216,20 +240,9 @@ impl Engine {
                 return Err(EngineError::invalid("audio", "no audio bytes were sent"));
             }
         }
-        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
-        let task = codec::EncodeTask::new(
-            m,
-            audio,
-            bandwidth,
-            self.audio_limits(),
-            self.inner.cfg.codec_step_seconds,
-            (tx, slot),
-            opts.deadline,
-        )?;
-        let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok(Session {
-            admitted,
-            events: rx,
+        let (limits, step) = (self.audio_limits(), self.inner.cfg.codec_step_seconds);
+        self.spawn(|out| {
+            codec::EncodeTask::new(m, audio, bandwidth, limits, step, out, opts.deadline)
         })
     }
 
@@ -253,21 +266,8 @@ impl Engine {
                 ),
             });
         }
-        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
-        let task = codec::DecodeTask::new(
-            m,
-            codes,
-            scales,
-            trim,
-            self.inner.cfg.codec_step_seconds,
-            (tx, slot),
-            opts.deadline,
-        )?;
-        let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok(Session {
-            admitted,
-            events: rx,
-        })
+        let step = self.inner.cfg.codec_step_seconds;
+        self.spawn(|out| codec::DecodeTask::new(m, codes, scales, trim, step, out, opts.deadline))
     }
 
     /// Streams raw PCM in, codes out (non-chunked models).
@@ -282,29 +282,21 @@ impl Engine {
     ) -> Result<(SessionInput<Vec<u8>>, Session<CodecEvent>), EngineError> {
         let m = self.inner.registry.codec(model)?;
         let (in_tx, in_rx) = mpsc::channel(8);
-        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
-        let task = codec::StreamEncodeTask::new(
-            m,
-            encoding,
-            sample_rate,
-            channels,
-            bandwidth,
-            &self.audio_limits(),
-            in_rx,
-            (tx, slot),
-            opts.deadline,
-        )?;
-        let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok((
-            SessionInput {
-                tx: Some(in_tx),
-                waker: self.inner.worker.waker(),
-            },
-            Session {
-                admitted,
-                events: rx,
-            },
-        ))
+        let limits = self.audio_limits();
+        let session = self.spawn(|out| {
+            codec::StreamEncodeTask::new(
+                m,
+                encoding,
+                sample_rate,
+                channels,
+                bandwidth,
+                &limits,
+                in_rx,
+                out,
+                opts.deadline,
+            )
+        })?;
+        Ok((self.input(in_tx), session))
     }
 
     /// Streams codes in, audio out (non-chunked models).
@@ -315,25 +307,10 @@ impl Engine {
     ) -> Result<(SessionInput<Codes>, Session<CodecEvent>), EngineError> {
         let m = self.inner.registry.codec(model)?;
         let (in_tx, in_rx) = mpsc::channel(8);
-        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
-        let task = codec::StreamDecodeTask::new(
-            m,
-            self.inner.cfg.max_code_frames,
-            in_rx,
-            (tx, slot),
-            opts.deadline,
-        )?;
-        let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok((
-            SessionInput {
-                tx: Some(in_tx),
-                waker: self.inner.worker.waker(),
-            },
-            Session {
-                admitted,
-                events: rx,
-            },
-        ))
+        let max_frames = self.inner.cfg.max_code_frames;
+        let session = self
+            .spawn(|out| codec::StreamDecodeTask::new(m, max_frames, in_rx, out, opts.deadline))?;
+        Ok((self.input(in_tx), session))
     }
 
     /// Description of a music model (by name; empty = the default).
@@ -424,21 +401,17 @@ impl Engine {
             max_seconds: max_s,
             ..self.audio_limits()
         };
-        let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
-        let task = music::MusicTask::new(
-            m,
-            req,
-            frames,
-            guidance,
-            seed,
-            limits,
-            (tx, slot),
-            opts.deadline,
-        );
-        let admitted = self.inner.worker.submit(Box::new(task))?;
-        Ok(Session {
-            admitted,
-            events: rx,
+        self.spawn(|out| {
+            Ok(music::MusicTask::new(
+                m,
+                req,
+                frames,
+                guidance,
+                seed,
+                limits,
+                out,
+                opts.deadline,
+            ))
         })
     }
 

@@ -24,6 +24,8 @@ use tonic::transport::Channel;
 /// A server running in this process on an ephemeral port.
 pub struct TestServer {
     pub url: String,
+    /// `http://…/metrics` of this server.
+    pub metrics_url: String,
     pub engine: Engine,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<()>>>,
@@ -36,6 +38,12 @@ pub fn fixtures() -> PathBuf {
 /// The test configuration: the three parity-fixture codecs plus the embedded default.
 pub fn test_config(engine_extra: &str) -> String {
     let f = fixtures();
+    // Warm-up is off unless a test asks for it (it would hold slots that tests count).
+    let warmup = if engine_extra.contains("warmup") {
+        ""
+    } else {
+        "warmup = false"
+    };
     format!(
         r#"
 [server]
@@ -49,6 +57,7 @@ max_audio_seconds = 30.0
 max_code_frames = 3000
 slow_consumer_timeout_ms = 2000
 codec_step_seconds = 0.5
+{warmup}
 {engine_extra}
 
 [[models]]
@@ -89,17 +98,20 @@ impl TestServer {
         let engine =
             Engine::start(cfg.engine.clone(), &cfg.models, None).map_err(anyhow::Error::msg)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
+        let metrics_url = format!("http://{}/metrics", metrics.local_addr()?);
         let (stop, rx) = oneshot::channel::<()>();
         let e = engine.clone();
         let handle = tokio::spawn(async move {
-            cadenza_server::serve(&cfg, e, listener, async {
+            cadenza_server::serve_with(&cfg, e, listener, Some(metrics), async {
                 let _ = rx.await;
             })
             .await
         });
         Ok(Self {
             url,
+            metrics_url,
             engine,
             stop: Some(stop),
             handle: Some(handle),

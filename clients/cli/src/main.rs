@@ -1,5 +1,6 @@
 //! `cadenza`: run the server, or talk to one (or run models in process with `--local`).
 
+mod bench_load;
 mod codec_cmd;
 mod codes_file;
 mod music_cmd;
@@ -58,6 +59,16 @@ struct ServeArgs {
     /// Listen address, overriding `server.addr` (e.g. 0.0.0.0:50051).
     #[arg(long, env = "CADENZA_ADDR")]
     addr: Option<std::net::SocketAddr>,
+    /// Prometheus metrics address, overriding `server.metrics_addr` ("off" disables).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Front-end mode: load no models and forward every request to this worker server
+    /// (repeat for several; overrides `[frontend] upstreams`).
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// This process's name in the worker protocol (overrides `server.worker_id`).
+    #[arg(long)]
+    worker_id: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +125,9 @@ enum BenchAction {
         #[arg(long)]
         json: bool,
     },
+    /// N concurrent music streams against a server: aggregate frames/s, time to first chunk,
+    /// real-time factor (see README "Benchmarks").
+    Load(bench_load::LoadArgs),
 }
 
 fn init_tracing() {
@@ -155,14 +169,74 @@ pub fn start_engine(config: Option<&std::path::Path>) -> Result<(Config, cadenza
     Ok((cfg, engine))
 }
 
+/// `engine.threads` is process-wide (candle sizes its thread pools from `RAYON_NUM_THREADS`
+/// when they are first used), so `serve` re-executes itself with the variable set when the
+/// configuration asks for a count the environment does not already give.
+#[cfg(unix)]
+fn ensure_threads(threads: usize) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    if threads == 0 {
+        return Ok(());
+    }
+    let want = threads.to_string();
+    if std::env::var("RAYON_NUM_THREADS").ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("finding the cadenza executable")?;
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("RAYON_NUM_THREADS", &want)
+        .env("CANDLE_NUM_THREADS", &want)
+        .exec();
+    Err(anyhow::anyhow!(
+        "restarting with RAYON_NUM_THREADS={want}: {err}"
+    ))
+}
+
+#[cfg(not(unix))]
+fn ensure_threads(threads: usize) -> Result<()> {
+    if threads != 0 && threads != candle_core::utils::get_num_threads() {
+        anyhow::bail!("engine.threads = {threads}: set RAYON_NUM_THREADS={threads} instead");
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
-    let (mut cfg, engine) = start_engine(args.config.as_deref())?;
+    let mut cfg = Config::load(args.config.as_deref()).map_err(anyhow::Error::msg)?;
     if let Some(addr) = args.addr {
         cfg.server.addr = addr;
+    }
+    if let Some(m) = &args.metrics_addr {
+        cfg.server.metrics_addr = if m == "off" {
+            None
+        } else {
+            Some(m.parse().with_context(|| format!("--metrics-addr {m}"))?)
+        };
+    }
+    if let Some(id) = args.worker_id {
+        cfg.server.worker_id = id;
+    }
+    if !args.upstreams.is_empty() {
+        cfg.frontend.upstreams = args.upstreams;
+        cfg.validate().map_err(anyhow::Error::msg)?;
     }
     let listener = tokio::net::TcpListener::bind(cfg.server.addr)
         .await
         .with_context(|| format!("binding {}", cfg.server.addr))?;
+    if !cfg.frontend.upstreams.is_empty() {
+        eprintln!(
+            "cadenza front-end listening on {}, forwarding to {}",
+            listener.local_addr()?,
+            cfg.frontend.upstreams.join(", ")
+        );
+        return cadenza_server::serve_frontend(&cfg, listener, shutdown_signal()).await;
+    }
+    ensure_threads(cfg.engine.threads)?;
+    let t = Instant::now();
+    let engine =
+        cadenza_engine::Engine::start(cfg.engine.clone(), &cfg.models, cfg.base_dir.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    tracing::info!(models = cfg.models.len(), elapsed = ?t.elapsed(), "models loaded");
     eprintln!("cadenza listening on {}", listener.local_addr()?);
     cadenza_server::serve(&cfg, engine, listener, shutdown_signal()).await
 }
@@ -217,6 +291,9 @@ async fn run() -> Result<()> {
             }
             codec_cmd::bench(&model, &input, bandwidth, repeats, json)
         }
+        Command::Bench {
+            action: BenchAction::Load(args),
+        } => bench_load::run(args).await,
     }
 }
 

@@ -201,6 +201,17 @@ impl Attention {
     }
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        lin(&self.out, &self.attend_heads(q, k, v, mask)?)
+    }
+
+    /// Attention before the output projection: (B, T, D).
+    fn attend_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
         let mut w = (q.matmul(&k.t()?)? * scale)?;
         if let Some(m) = mask {
@@ -209,8 +220,18 @@ impl Attention {
         let w = candle_nn::ops::softmax_last_dim(&w)?;
         let o = w.matmul(v)?; // (B, H, T, Dh)
         let (b, h, t, dh) = o.dims4()?;
-        lin(&self.out, &o.transpose(1, 2)?.reshape((b, t, h * dh))?)
+        o.transpose(1, 2)?.reshape((b, t, h * dh))
     }
+}
+
+/// One session's part of a batched decode step ([`DecoderLayer::forward_step_batch`]): its
+/// self-attention cache (whose batch size is the session's row count) and its conditioning.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    /// The session's cache for this layer.
+    pub cache: &'a mut KvCache,
+    /// The session's cross-attention K/V for this layer.
+    pub cross: Option<&'a CrossKv>,
 }
 
 /// Self-attention KV cache, preallocated to the session's maximum length.
@@ -242,6 +263,16 @@ impl KvCache {
     /// Positions stored.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Rows (batch size) the cache holds.
+    pub fn rows(&self) -> usize {
+        self.k.dim(0).unwrap_or(0)
+    }
+
+    /// Forgets positions from `len` on (to undo a step that did not complete).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
     }
 
     /// True when nothing is stored.
@@ -378,6 +409,65 @@ impl DecoderLayer {
             }
             (Some(_), None) => bail!("this layer needs cross-attention conditioning"),
             _ => x,
+        };
+        let h = self.norm_ff.forward(&x)?;
+        let h = lin(&self.fc2, &lin(&self.fc1, &h)?.gelu_erf()?)?;
+        x + h
+    }
+}
+
+impl DecoderLayer {
+    /// One decode step (T = 1) for several sessions at once. `x` (N, 1, D) holds every
+    /// session's rows back to back, in the order of `segs` (each takes `cache.rows()` rows).
+    /// The projections and the feed-forward block run once over all N rows (the weights are
+    /// read once per step, which is what a decode step's time is spent on); attention runs per
+    /// session against its own cache and conditioning, so sessions of different lengths and
+    /// prompts share a step (continuous batching).
+    pub fn forward_step_batch(&self, x: &Tensor, segs: &mut [Segment<'_>]) -> Result<Tensor> {
+        let (n, t, d) = x.dims3()?;
+        if t != 1 {
+            bail!("batched decode steps take one position per row, got {t}")
+        }
+        let total: usize = segs.iter().map(|s| s.cache.rows()).sum();
+        if total != n {
+            bail!("batched step: {n} rows given, the sessions have {total}")
+        }
+        let h = self.norm_self.forward(x)?;
+        let qkv = lin(&self.self_attn.qkv, &h)?;
+        let mut outs = Vec::with_capacity(segs.len());
+        let mut off = 0;
+        for seg in segs.iter_mut() {
+            let r = seg.cache.rows();
+            let part = qkv.narrow(0, off, r)?;
+            let q = self.self_attn.split(&part.narrow(D::Minus1, 0, d)?)?;
+            let k = self.self_attn.split(&part.narrow(D::Minus1, d, d)?)?;
+            let v = self.self_attn.split(&part.narrow(D::Minus1, 2 * d, d)?)?;
+            let (k, v) = seg.cache.append(&k, &v)?;
+            outs.push(self.self_attn.attend_heads(&q, &k, &v, None)?);
+            off += r;
+        }
+        let a = lin(&self.self_attn.out, &Tensor::cat(&outs, 0)?)?;
+        let x = (x + a)?;
+        let x = match &self.cross {
+            Some((norm, attn)) => {
+                let h = norm.forward(&x)?;
+                let wq = attn.qkv.weight().narrow(0, 0, d)?;
+                let bq = attn.qkv.bias().map(|b| b.narrow(0, 0, d)).transpose()?;
+                let q = linear_fwd(&wq, bq.as_ref(), &h)?;
+                let mut outs = Vec::with_capacity(segs.len());
+                let mut off = 0;
+                for seg in segs.iter() {
+                    let r = seg.cache.rows();
+                    let Some(kv) = seg.cross else {
+                        bail!("this layer needs cross-attention conditioning")
+                    };
+                    let q = attn.split(&q.narrow(0, off, r)?)?;
+                    outs.push(attn.attend_heads(&q, &kv.k, &kv.v, kv.mask.as_ref())?);
+                    off += r;
+                }
+                (&x + lin(&attn.out, &Tensor::cat(&outs, 0)?)?)?
+            }
+            None => x,
         };
         let h = self.norm_ff.forward(&x)?;
         let h = lin(&self.fc2, &lin(&self.fc1, &h)?.gelu_erf()?)?;

@@ -20,7 +20,9 @@ use cadenza_codecs::Encodec;
 use cadenza_nn::patterns::DelayPattern;
 use cadenza_nn::positions::sinusoidal;
 use cadenza_nn::sampling::{Rng, SamplingParams, cfg_combine, sample};
-use cadenza_nn::transformer::{CrossKv, DecoderLayer, KeyStyle, KvCache, LayerConfig, causal_mask};
+use cadenza_nn::transformer::{
+    CrossKv, DecoderLayer, KeyStyle, KvCache, LayerConfig, Segment, causal_mask,
+};
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor, bail};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
@@ -268,6 +270,63 @@ impl Lm {
             x = layer.forward(&x, cache, Some(kv), mask.as_ref())?;
         }
         let x = self.norm.forward(&x)?;
+        let logits = self
+            .heads
+            .iter()
+            .map(|h| cadenza_nn::transformer::lin(h, &x))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&logits, 1)
+    }
+}
+
+impl Lm {
+    /// One decode step for several sessions at once ([`DecoderLayer::forward_step_batch`]):
+    /// `tokens[s]` is session `s`'s input column (`rows × K` ids, row-major) and `caches[s]` /
+    /// `cross[s]` its per-layer state. Returns logits (N, K, card) for the N rows together.
+    pub fn forward_step_batch(
+        &self,
+        tokens: &[Vec<u32>],
+        caches: &mut [&mut [KvCache]],
+        cross: &[&[CrossKv]],
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let k = self.embeds.len();
+        if tokens.len() != caches.len() || tokens.len() != cross.len() {
+            bail!("musicgen: batched step needs tokens, caches and conditioning per session")
+        }
+        let mut rows = 0;
+        let mut pos = Vec::with_capacity(tokens.len());
+        for (t, c) in tokens.iter().zip(caches.iter()) {
+            let Some(first) = c.first() else {
+                bail!("musicgen: a session has no caches")
+            };
+            if c.len() != self.layers.len() || t.len() != first.rows() * k {
+                bail!("musicgen: batched step: a session's input does not match its caches")
+            }
+            let p = sinusoidal(first.len(), 1, self.dim, 10000.0, dev)?;
+            pos.push(p.broadcast_as((first.rows(), self.dim))?);
+            rows += first.rows();
+        }
+        let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (rows, k), dev)?;
+        let mut x = self.embeds[0].forward(&ids.i((.., 0))?)?;
+        for (i, e) in self.embeds.iter().enumerate().skip(1) {
+            x = (x + e.forward(&ids.i((.., i))?)?)?;
+        }
+        let x = (x + Tensor::cat(&pos, 0)?)?;
+        let mut x = x.unsqueeze(1)?; // (N, 1, D)
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut segs: Vec<Segment<'_>> = caches
+                .iter_mut()
+                .zip(cross)
+                .map(|(c, kv)| Segment {
+                    cache: &mut c[li],
+                    cross: kv.get(li),
+                })
+                .collect();
+            x = layer.forward_step_batch(&x, &mut segs)?;
+        }
+        let x = self.norm.forward(&x.squeeze(1)?)?;
         let logits = self
             .heads
             .iter()
@@ -651,30 +710,87 @@ impl Generation {
     /// Runs one LM step: feeds the input column of the delay pattern, samples every codebook
     /// whose frame this step predicts, and reports the frame completed by this step.
     pub fn step(&mut self, model: &MusicGen) -> Result<StepOutput> {
-        if self.is_done(model) {
-            bail!("musicgen: generation already finished")
+        let mut out = Self::step_batch(model, &mut [self])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Runs one LM step for several sessions of the same model in one forward pass
+    /// ([`Lm::forward_step_batch`]); each session keeps its own caches, conditioning, RNG and
+    /// length. The result is the same as stepping each alone (up to float rounding). If the
+    /// forward pass fails, every session is left as it was before the call.
+    pub fn step_batch(model: &MusicGen, gens: &mut [&mut Generation]) -> Result<Vec<StepOutput>> {
+        if gens.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(g) = gens.iter().find(|g| g.is_done(model)) {
+            bail!(
+                "musicgen: generation already finished ({} steps)",
+                g.total_steps(model)
+            )
         }
         let k = model.lm.num_codebooks();
         let card = model.lm.card() as u32;
-        let s = self.step;
-        let col: Vec<u32> = (0..k)
-            .map(|q| {
-                model
-                    .pattern
-                    .input_frame_at(q, s)
-                    .and_then(|t| self.frames[q].get(t).copied())
-                    .unwrap_or(card)
+        let inputs: Vec<Vec<u32>> = gens
+            .iter()
+            .map(|g| {
+                let s = g.step;
+                let col: Vec<u32> = (0..k)
+                    .map(|q| {
+                        model
+                            .pattern
+                            .input_frame_at(q, s)
+                            .and_then(|t| g.frames[q].get(t).copied())
+                            .unwrap_or(card)
+                    })
+                    .collect();
+                let rows = if g.cfg { 2 } else { 1 };
+                (0..rows).flat_map(|_| col.iter().copied()).collect()
             })
             .collect();
-        let rows = if self.cfg { 2 } else { 1 };
-        let input: Vec<u32> = (0..rows).flat_map(|_| col.iter().copied()).collect();
-        let input = Tensor::from_vec(input, (rows, k, 1), model.device())?;
-        let logits = model.lm.forward(&input, &mut self.caches, &self.cross)?; // (rows, K, 1, card)
-        let logits = logits.squeeze(2)?.to_vec3::<f32>()?;
+        let logits = {
+            let (mut caches, cross): (Vec<&mut [KvCache]>, Vec<&[CrossKv]>) = gens
+                .iter_mut()
+                .map(|g| (g.caches.as_mut_slice(), g.cross.as_slice()))
+                .unzip();
+            model
+                .lm
+                .forward_step_batch(&inputs, &mut caches, &cross, model.device())
+        };
+        let logits = match logits.and_then(|l| l.to_vec3::<f32>()) {
+            Ok(l) => l, // (N, K, card)
+            Err(e) => {
+                for g in gens.iter_mut() {
+                    g.rollback();
+                }
+                return Err(e);
+            }
+        };
+        let mut row = 0;
+        let mut outs = Vec::with_capacity(gens.len());
+        for g in gens.iter_mut() {
+            let rows = if g.cfg { 2 } else { 1 };
+            outs.push(g.consume(model, &logits[row..row + rows]));
+            row += rows;
+        }
+        Ok(outs)
+    }
+
+    /// Undoes a forward pass whose step did not complete (caches back to `steps_done`).
+    pub fn rollback(&mut self) {
+        for c in &mut self.caches {
+            c.truncate(self.step);
+        }
+    }
+
+    /// Samples this step's tokens from the session's logits rows `[rows][K][card]`.
+    fn consume(&mut self, model: &MusicGen, logits: &[Vec<Vec<f32>>]) -> StepOutput {
+        let k = model.lm.num_codebooks();
+        let card = model.lm.card();
+        let s = self.step;
         let mut guided = Vec::with_capacity(k);
         for q in 0..k {
             let row = if self.cfg {
-                let mut out = vec![0f32; card as usize];
+                let mut out = vec![0f32; card];
                 cfg_combine(&logits[0][q], &logits[1][q], self.params.guidance, &mut out);
                 out
             } else {
@@ -697,6 +813,6 @@ impl Generation {
             .pattern
             .completed_by(s, self.total_frames)
             .map(|t| (0..k).map(|q| self.frames[q][t]).collect());
-        Ok(StepOutput { completed })
+        StepOutput { completed }
     }
 }

@@ -2,7 +2,6 @@
 //! with the model's exact streaming encoder/decoder (so chunked work equals whole-signal work).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cadenza_audio::{Limits, Pcm, RawEncoding, StreamResampler};
 use cadenza_codecs::{StreamDecoder, StreamEncoder, encodec::linear_overlap_add};
@@ -14,7 +13,7 @@ use crate::error::EngineError;
 /// Where a codec task sends its events, and where its terminal error goes.
 pub(crate) type Output = crate::session::Output<CodecEvent>;
 use crate::registry::CodecModel;
-use crate::session::{Base, Stepper};
+use crate::session::{Base, Meta, Stepper};
 
 /// Audio given to the engine.
 #[derive(Debug, Clone)]
@@ -225,7 +224,7 @@ impl EncodeTask {
         limits: Limits,
         step_seconds: f64,
         out: Output,
-        deadline: Option<Instant>,
+        meta: Meta,
     ) -> Result<Self, EngineError> {
         let n_q = check_bandwidth(&model, bandwidth)?;
         let cfg = model.model.config();
@@ -235,7 +234,7 @@ impl EncodeTask {
             .max(1)
             * hop;
         Ok(Self {
-            base: Base::new(format!("encode:{}", model.info.name), out, deadline),
+            base: Base::new(format!("encode:{}", model.info.name), out, meta),
             model,
             bandwidth,
             n_q,
@@ -287,6 +286,7 @@ impl EncodeTask {
                             codes = Tensor::cat(&[&codes, &e.finish(m)?], 1)?;
                         }
                         if codes.dim(1)? > 0 {
+                            self.base.chunk_sent("codes");
                             self.base.out.push(CodecEvent::Codes {
                                 codes: Codes::from_tensor(&codes)?,
                                 scale: None,
@@ -309,6 +309,7 @@ impl EncodeTask {
                             Some(s) => Some(s.to_vec1::<f32>()?[0]),
                             None => None,
                         };
+                        self.base.chunk_sent("codes");
                         self.base.out.push(CodecEvent::Codes {
                             codes: Codes::from_tensor(&codes)?,
                             scale,
@@ -412,7 +413,7 @@ impl DecodeTask {
         trim: Option<u64>,
         step_seconds: f64,
         out: Output,
-        deadline: Option<Instant>,
+        meta: Meta,
     ) -> Result<Self, EngineError> {
         let cfg = model.model.config();
         codes.validate("codes", cfg.num_quantizers(), cfg.codebook_size)?;
@@ -453,7 +454,7 @@ impl DecodeTask {
             }
         };
         Ok(Self {
-            base: Base::new(format!("decode:{}", model.info.name), out, deadline),
+            base: Base::new(format!("decode:{}", model.info.name), out, meta),
             codes: codes.to_tensor()?,
             model,
             scales,
@@ -476,6 +477,7 @@ impl DecodeTask {
         let n = audio.dim(1)?;
         if n > 0 {
             let pcm = tensor_to_pcm(&audio, self.model.model.config().sampling_rate)?;
+            self.base.chunk_sent("audio");
             self.base.out.push(CodecEvent::Audio {
                 start_sample: self.emitted,
                 pcm,
@@ -568,7 +570,7 @@ impl StreamEncodeTask {
         limits: &Limits,
         input: mpsc::Receiver<StreamInput<Vec<u8>>>,
         out: Output,
-        deadline: Option<Instant>,
+        meta: Meta,
     ) -> Result<Self, EngineError> {
         let cfg = model.model.config();
         if cfg.chunk_length().is_some() {
@@ -593,7 +595,7 @@ impl StreamEncodeTask {
                 .map_err(|e| EngineError::audio("format.sample_rate_hz", e))?;
         let enc = StreamEncoder::new(&model.model, Some(bandwidth))?;
         Ok(Self {
-            base: Base::new(format!("stream-encode:{}", model.info.name), out, deadline),
+            base: Base::new(format!("stream-encode:{}", model.info.name), out, meta),
             max_samples: (limits.max_seconds * cfg.sampling_rate as f64) as u64,
             model,
             input,
@@ -674,6 +676,7 @@ impl StreamEncodeTask {
             codes = Tensor::cat(&[&codes, &self.enc.finish(m)?], 1)?;
         }
         if codes.dim(1)? > 0 {
+            self.base.chunk_sent("codes");
             self.base.out.push(CodecEvent::Codes {
                 codes: Codes::from_tensor(&codes)?,
                 scale: None,
@@ -721,7 +724,7 @@ impl StreamDecodeTask {
         max_frames: usize,
         input: mpsc::Receiver<StreamInput<Codes>>,
         out: Output,
-        deadline: Option<Instant>,
+        meta: Meta,
     ) -> Result<Self, EngineError> {
         if model.model.config().chunk_length().is_some() {
             return Err(EngineError::invalid(
@@ -734,7 +737,7 @@ impl StreamDecodeTask {
         }
         let dec = StreamDecoder::new(&model.model)?;
         Ok(Self {
-            base: Base::new(format!("stream-decode:{}", model.info.name), out, deadline),
+            base: Base::new(format!("stream-decode:{}", model.info.name), out, meta),
             model,
             input,
             dec,
@@ -786,6 +789,7 @@ impl StreamDecodeTask {
         let n = audio.dim(1)?;
         if n > 0 {
             let pcm = tensor_to_pcm(&audio, cfg.sampling_rate)?;
+            self.base.chunk_sent("audio");
             self.base.out.push(CodecEvent::Audio {
                 start_sample: self.emitted,
                 pcm,

@@ -14,6 +14,20 @@ pub struct EngineConfig {
     /// Sessions waiting for a slot per worker; beyond this, requests are refused at once
     /// with `RESOURCE_EXHAUSTED` and their queue position.
     pub max_queue: usize,
+    /// Slots per worker that only live streams (ASR) may take (other sessions always get at
+    /// least one slot).
+    pub live_reserve: usize,
+    /// Most slots per worker that batch jobs may hold.
+    pub batch_slots: usize,
+    /// Most model rows in one batched step (a CFG music session counts 2).
+    pub max_batch_rows: usize,
+    /// CPU threads for model math (0 = one per core). Process-wide: the CLI sets
+    /// `RAYON_NUM_THREADS` from it before anything starts.
+    pub threads: usize,
+    /// Run every model once before reporting SERVING.
+    pub warmup: bool,
+    /// Workers, one per device (default: one on the CPU).
+    pub workers: Vec<WorkerConfig>,
     /// Longest input audio accepted, in seconds.
     pub max_audio_seconds: f64,
     /// Largest encoded input accepted, in bytes.
@@ -28,11 +42,32 @@ pub struct EngineConfig {
     pub max_music_seconds: f64,
 }
 
+/// One worker: a device and the thread that steps its sessions.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Name in metrics and logs.
+    pub name: String,
+    /// `cpu`, or `cuda:N` / `metal:N` (only in builds with that backend).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            max_active: 8,
+            max_active: 16,
             max_queue: 64,
+            live_reserve: 2,
+            batch_slots: 8,
+            max_batch_rows: 64,
+            threads: 0,
+            warmup: true,
+            workers: Vec::new(),
             max_audio_seconds: 600.0,
             max_input_bytes: 256 << 20,
             max_code_frames: 75 * 600,
@@ -49,6 +84,12 @@ impl EngineConfig {
         if self.max_active == 0 {
             return Err("engine.max_active must be at least 1".into());
         }
+        if self.batch_slots == 0 {
+            return Err("engine.batch_slots must be at least 1".into());
+        }
+        if self.max_batch_rows == 0 {
+            return Err("engine.max_batch_rows must be at least 1".into());
+        }
         if !(self.max_audio_seconds.is_finite() && self.max_audio_seconds > 0.0) {
             return Err("engine.max_audio_seconds must be positive".into());
         }
@@ -58,7 +99,44 @@ impl EngineConfig {
         if !(self.codec_step_seconds.is_finite() && self.codec_step_seconds > 0.0) {
             return Err("engine.codec_step_seconds must be positive".into());
         }
+        let mut names = std::collections::HashSet::new();
+        for w in &self.workers {
+            if !names.insert(&w.name) {
+                return Err(format!("engine.workers: '{}' appears twice", w.name));
+            }
+            if w.device != "cpu" {
+                return Err(format!(
+                    "engine.workers '{}': device '{}' is not available in this build \
+                     (it runs on the CPU only; GPU backends need a build with candle's \
+                     cuda or metal feature)",
+                    w.name, w.device
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The workers to start (the configured ones, or one on the CPU).
+    pub fn worker_list(&self) -> Vec<WorkerConfig> {
+        if self.workers.is_empty() {
+            vec![WorkerConfig {
+                name: "cpu".into(),
+                device: "cpu".into(),
+            }]
+        } else {
+            self.workers.clone()
+        }
+    }
+
+    /// The scheduling policy of each worker.
+    pub fn policy(&self) -> crate::scheduler::Policy {
+        crate::scheduler::Policy {
+            max_active: self.max_active,
+            max_queue: self.max_queue,
+            live_reserve: self.live_reserve,
+            batch_slots: self.batch_slots,
+            max_batch_rows: self.max_batch_rows,
+        }
     }
 }
 

@@ -12,8 +12,10 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod music;
 pub mod registry;
+pub mod scheduler;
 mod session;
 pub mod worker;
 
@@ -26,10 +28,12 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 
 pub use codec::{AudioInput, CodecEvent, Codes, StreamInput};
-pub use config::{EngineConfig, ModelEntry, ModelKind, ModelSource};
+pub use config::{EngineConfig, ModelEntry, ModelKind, ModelSource, WorkerConfig};
 pub use error::EngineError;
+pub use metrics::Metrics;
 pub use music::{Continuation, MusicEvent, MusicRequest};
 pub use registry::{ModelInfo, Registry};
+pub use scheduler::Priority;
 pub use worker::{Admitted, WorkerHandle};
 
 /// Events buffered per session before the worker holds further output (backpressure).
@@ -127,8 +131,11 @@ impl<T> Drop for SessionInput<T> {
 /// Per-request options common to every call.
 #[derive(Debug, Clone, Default)]
 pub struct RequestOptions {
-    /// Work stops with `DeadlineExceeded` once this passes.
+    /// Work stops with `DeadlineExceeded` once this passes; a request whose steps cannot
+    /// finish before it (at the measured step time) is refused at admission.
     pub deadline: Option<Instant>,
+    /// Scheduling priority (default: interactive).
+    pub priority: Priority,
 }
 
 /// The engine: loaded models and the worker pool. Cheap to clone.
@@ -140,7 +147,8 @@ pub struct Engine {
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
-    worker: WorkerHandle,
+    workers: Vec<WorkerHandle>,
+    metrics: Arc<Metrics>,
     cfg: EngineConfig,
 }
 
@@ -153,20 +161,78 @@ impl Engine {
     ) -> Result<Self, String> {
         cfg.validate()?;
         let registry = Registry::load(models, base, &Device::Cpu)?;
-        let worker = WorkerHandle::spawn(
-            "cpu",
-            cfg.max_active,
-            cfg.max_queue,
-            Duration::from_millis(cfg.slow_consumer_timeout_ms),
-        )
-        .map_err(|e| format!("starting the CPU worker: {e}"))?;
+        let metrics = Arc::new(Metrics::default());
+        let workers = cfg
+            .worker_list()
+            .iter()
+            .map(|w| {
+                WorkerHandle::spawn(
+                    &w.name,
+                    cfg.policy(),
+                    Duration::from_millis(cfg.slow_consumer_timeout_ms),
+                    metrics.clone(),
+                )
+                .map_err(|e| format!("starting worker '{}': {e}", w.name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 registry,
-                worker,
+                workers,
+                metrics,
                 cfg,
             }),
         })
+    }
+
+    /// The engine's metrics (rendered by the server at `/metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Runs every loaded model once through the workers (a short generation, a codec round
+    /// trip), so the first real request does not pay for first-touch allocations and the
+    /// step-time estimates used for deadlines exist. Returns how long it took.
+    pub async fn warmup(&self) -> Result<Duration, EngineError> {
+        let t = Instant::now();
+        for info in self.models() {
+            let opts = RequestOptions::default();
+            match info.kind {
+                ModelKind::Music => {
+                    let req = MusicRequest {
+                        model: info.name.clone(),
+                        prompt: "warm-up".into(),
+                        duration_s: 0.1,
+                        sampling: Default::default(),
+                        guidance: None,
+                        seed: Some(0),
+                        continuation: None,
+                        chunk_frames: None,
+                        return_tokens: false,
+                    };
+                    let mut s = self.generate_music(req, opts)?;
+                    while let Some(ev) = s.events.recv().await {
+                        ev?;
+                    }
+                }
+                ModelKind::Codec => {
+                    let rate = info.sample_rate;
+                    let samples = vec![0f32; (rate / 10) as usize * info.channels as usize];
+                    let bytes = cadenza_audio::to_s16le(&samples);
+                    let audio = AudioInput::Raw {
+                        bytes,
+                        encoding: RawEncoding::S16Le,
+                        sample_rate: rate,
+                        channels: info.channels,
+                    };
+                    let mut s = self.encode(&info.name, audio, None, opts)?;
+                    while let Some(ev) = s.events.recv().await {
+                        ev?;
+                    }
+                }
+            }
+        }
+        Ok(t.elapsed())
     }
 
     /// The engine's configuration.
@@ -179,9 +245,19 @@ impl Engine {
         self.inner.registry.infos()
     }
 
-    /// Sessions admitted and not finished.
+    /// Sessions admitted and not finished (all workers).
     pub fn load(&self) -> usize {
-        self.inner.worker.load()
+        self.inner.workers.iter().map(WorkerHandle::load).sum()
+    }
+
+    /// Sessions waiting for a slot (all workers).
+    pub fn queued(&self) -> usize {
+        self.inner.workers.iter().map(WorkerHandle::queued).sum()
+    }
+
+    /// Slots and queue places in all (for load balancing across processes).
+    pub fn capacity(&self) -> usize {
+        self.inner.workers.len() * (self.inner.cfg.max_active + self.inner.cfg.max_queue)
     }
 
     /// Input limits for untrusted audio.
@@ -198,33 +274,77 @@ impl Engine {
         Ok(self.inner.registry.codec(model)?.info.clone())
     }
 
-    /// Makes a session's output channel, builds its task on it and admits it to the worker.
+    /// Makes a session's output channel, builds its task on it and admits it to the least
+    /// loaded worker. Returns the session and the worker's waker (for its input side).
     fn spawn<E, T>(
         &self,
-        task: impl FnOnce(session::Output<E>) -> Result<T, EngineError>,
-    ) -> Result<Session<E>, EngineError>
+        model: &str,
+        kind: &'static str,
+        opts: &RequestOptions,
+        task: impl FnOnce(session::Output<E>, session::Meta) -> Result<T, EngineError>,
+    ) -> Result<(Session<E>, worker::Waker), EngineError>
     where
         T: worker::Task + 'static,
     {
+        let w = self
+            .inner
+            .workers
+            .iter()
+            .min_by_key(|w| w.load())
+            .ok_or_else(|| EngineError::Unavailable("no workers".into()))?;
         let (tx, slot, rx) = Events::channel(SESSION_CHANNEL);
-        let admitted = self.inner.worker.submit(Box::new(task((tx, slot))?))?;
-        Ok(Session {
-            admitted,
-            events: rx,
-        })
+        let meta = session::Meta {
+            model: model.to_string(),
+            priority: opts.priority,
+            deadline: opts.deadline,
+            metrics: self.inner.metrics.clone(),
+            span: tracing::info_span!("session", kind, model, worker = w.name()),
+        };
+        let admitted = w.submit(Box::new(task((tx, slot), meta)?))?;
+        Ok((
+            Session {
+                admitted,
+                events: rx,
+            },
+            w.waker(),
+        ))
     }
 
-    /// The input side of a streaming session, waking the worker on every send.
-    fn input<T>(&self, tx: mpsc::Sender<StreamInput<T>>) -> SessionInput<T> {
+    /// Counts a refused request by reason.
+    fn counted<T>(&self, r: Result<T, EngineError>) -> Result<T, EngineError> {
+        if let Err(e) = &r
+            && !matches!(
+                e,
+                EngineError::Overloaded { .. } | EngineError::DeadlineExceeded(_)
+            )
+        {
+            // (Overload and deadline refusals are counted where they are decided.)
+            self.inner.metrics.reject(e.kind());
+        }
+        r
+    }
+
+    /// The input side of a streaming session, waking its worker on every send.
+    fn input<T>(tx: mpsc::Sender<StreamInput<T>>, waker: worker::Waker) -> SessionInput<T> {
         SessionInput {
             tx: Some(tx),
-            waker: self.inner.worker.waker(),
+            waker,
         }
     }
 
     /// Encodes a whole input to codes. Events: `Codes` (one per step, or per chunk with its
     /// scale for chunked models), `Progress`, then `Encoded`.
     pub fn encode(
+        &self,
+        model: &str,
+        audio: AudioInput,
+        bandwidth: Option<f32>,
+        opts: RequestOptions,
+    ) -> Result<Session<CodecEvent>, EngineError> {
+        self.counted(self.encode_impl(model, audio, bandwidth, opts))
+    }
+
+    fn encode_impl(
         &self,
         model: &str,
         audio: AudioInput,
@@ -241,14 +361,27 @@ impl Engine {
             }
         }
         let (limits, step) = (self.audio_limits(), self.inner.cfg.codec_step_seconds);
-        self.spawn(|out| {
-            codec::EncodeTask::new(m, audio, bandwidth, limits, step, out, opts.deadline)
+        let name = m.info.name.clone();
+        self.spawn(&name, "encode", &opts, |out, meta| {
+            codec::EncodeTask::new(m, audio, bandwidth, limits, step, out, meta)
         })
+        .map(|(s, _)| s)
     }
 
     /// Decodes codes to audio. `scales`: one per chunk for normalising models, else empty.
     /// `trim`: cut the output to this many samples. Events: `Audio`, `Progress`, then `Decoded`.
     pub fn decode(
+        &self,
+        model: &str,
+        codes: Codes,
+        scales: Vec<f32>,
+        trim: Option<u64>,
+        opts: RequestOptions,
+    ) -> Result<Session<CodecEvent>, EngineError> {
+        self.counted(self.decode_impl(model, codes, scales, trim, opts))
+    }
+
+    fn decode_impl(
         &self,
         model: &str,
         codes: Codes,
@@ -267,7 +400,11 @@ impl Engine {
             });
         }
         let step = self.inner.cfg.codec_step_seconds;
-        self.spawn(|out| codec::DecodeTask::new(m, codes, scales, trim, step, out, opts.deadline))
+        let name = m.info.name.clone();
+        self.spawn(&name, "decode", &opts, |out, meta| {
+            codec::DecodeTask::new(m, codes, scales, trim, step, out, meta)
+        })
+        .map(|(s, _)| s)
     }
 
     /// Streams raw PCM in, codes out (non-chunked models).
@@ -280,10 +417,30 @@ impl Engine {
         bandwidth: Option<f32>,
         opts: RequestOptions,
     ) -> Result<(SessionInput<Vec<u8>>, Session<CodecEvent>), EngineError> {
+        self.counted(self.stream_encode_impl(
+            model,
+            encoding,
+            sample_rate,
+            channels,
+            bandwidth,
+            opts,
+        ))
+    }
+
+    fn stream_encode_impl(
+        &self,
+        model: &str,
+        encoding: RawEncoding,
+        sample_rate: u32,
+        channels: u16,
+        bandwidth: Option<f32>,
+        opts: RequestOptions,
+    ) -> Result<(SessionInput<Vec<u8>>, Session<CodecEvent>), EngineError> {
         let m = self.inner.registry.codec(model)?;
         let (in_tx, in_rx) = mpsc::channel(8);
         let limits = self.audio_limits();
-        let session = self.spawn(|out| {
+        let name = m.info.name.clone();
+        let (session, waker) = self.spawn(&name, "stream_encode", &opts, |out, meta| {
             codec::StreamEncodeTask::new(
                 m,
                 encoding,
@@ -293,10 +450,10 @@ impl Engine {
                 &limits,
                 in_rx,
                 out,
-                opts.deadline,
+                meta,
             )
         })?;
-        Ok((self.input(in_tx), session))
+        Ok((Self::input(in_tx, waker), session))
     }
 
     /// Streams codes in, audio out (non-chunked models).
@@ -305,12 +462,22 @@ impl Engine {
         model: &str,
         opts: RequestOptions,
     ) -> Result<(SessionInput<Codes>, Session<CodecEvent>), EngineError> {
+        self.counted(self.stream_decode_impl(model, opts))
+    }
+
+    fn stream_decode_impl(
+        &self,
+        model: &str,
+        opts: RequestOptions,
+    ) -> Result<(SessionInput<Codes>, Session<CodecEvent>), EngineError> {
         let m = self.inner.registry.codec(model)?;
         let (in_tx, in_rx) = mpsc::channel(8);
         let max_frames = self.inner.cfg.max_code_frames;
-        let session = self
-            .spawn(|out| codec::StreamDecodeTask::new(m, max_frames, in_rx, out, opts.deadline))?;
-        Ok((self.input(in_tx), session))
+        let name = m.info.name.clone();
+        let (session, waker) = self.spawn(&name, "stream_decode", &opts, |out, meta| {
+            codec::StreamDecodeTask::new(m, max_frames, in_rx, out, meta)
+        })?;
+        Ok((Self::input(in_tx, waker), session))
     }
 
     /// Description of a music model (by name; empty = the default).
@@ -322,6 +489,14 @@ impl Engine {
     /// field). Events: `Audio` chunks as frames complete, `Progress`, optionally `Tokens`,
     /// then `Done`.
     pub fn generate_music(
+        &self,
+        req: MusicRequest,
+        opts: RequestOptions,
+    ) -> Result<Session<MusicEvent>, EngineError> {
+        self.counted(self.generate_music_impl(req, opts))
+    }
+
+    fn generate_music_impl(
         &self,
         mut req: MusicRequest,
         opts: RequestOptions,
@@ -401,22 +576,19 @@ impl Engine {
             max_seconds: max_s,
             ..self.audio_limits()
         };
-        self.spawn(|out| {
+        let name = m.info.name.clone();
+        self.spawn(&name, "music", &opts, |out, meta| {
             Ok(music::MusicTask::new(
-                m,
-                req,
-                frames,
-                guidance,
-                seed,
-                limits,
-                out,
-                opts.deadline,
+                m, req, frames, guidance, seed, limits, out, meta,
             ))
         })
+        .map(|(s, _)| s)
     }
 
     /// Stops the workers; running sessions end with `Unavailable`.
     pub fn shutdown(&self) {
-        self.inner.worker.shutdown();
+        for w in &self.inner.workers {
+            w.shutdown();
+        }
     }
 }

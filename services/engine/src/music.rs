@@ -2,7 +2,6 @@
 //! soon as frames leave the delay pattern, in chunks of `chunk_frames`.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cadenza_audio::Limits;
 use cadenza_codecs::StreamDecoder;
@@ -13,7 +12,8 @@ use candle_core::{Device, Tensor};
 use crate::codec::{AudioInput, Codes};
 use crate::error::EngineError;
 use crate::registry::MusicModel;
-use crate::session::{Base, Output, Stepper};
+use crate::scheduler::BatchKey;
+use crate::session::{Base, Meta, Output, Stepper};
 
 /// Continue from existing music instead of starting from silence.
 #[derive(Debug, Clone)]
@@ -77,14 +77,19 @@ pub enum MusicEvent {
     },
 }
 
+/// A session between LM steps.
+struct Running {
+    generation: Box<Generation>,
+    decoder: StreamDecoder,
+    /// Completed frames not yet decoded.
+    pending: Vec<Vec<u32>>,
+    /// Samples of the continuation prompt still to drop from the decoded audio.
+    skip_samples: u64,
+}
+
 enum State {
     Start(Option<Continuation>),
-    Running {
-        generation: Box<Generation>,
-        decoder: StreamDecoder,
-        pending: Vec<Vec<u32>>,
-        skip_samples: u64,
-    },
+    Running(Box<Running>),
     Finished,
 }
 
@@ -105,6 +110,7 @@ pub(crate) struct MusicTask {
 }
 
 impl MusicTask {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         model: Arc<MusicModel>,
         req: MusicRequest,
@@ -113,11 +119,11 @@ impl MusicTask {
         seed: u64,
         limits: Limits,
         out: Output<MusicEvent>,
-        deadline: Option<Instant>,
+        meta: Meta,
     ) -> Self {
         let fr = model.model.frame_rate();
         Self {
-            base: Base::new(format!("music:{}", model.info.name), out, deadline),
+            base: Base::new(format!("music:{}", model.info.name), out, meta),
             prompt: req.prompt,
             frames,
             sampling: req.sampling,
@@ -184,20 +190,19 @@ impl MusicTask {
         let generation =
             Generation::new(m, &cond, &mask.to_dtype(candle_core::DType::F32)?, params)?;
         let skip_samples = (prompt_frames * m.codec.config().hop_length()) as u64;
-        Ok(State::Running {
+        Ok(State::Running(Box::new(Running {
             generation: Box::new(generation),
             decoder: StreamDecoder::new(&m.codec)?,
             pending: Vec::new(),
             skip_samples,
-        })
+        })))
     }
 
-    /// Decodes `pending` frames (if any, or all at the end) and sends the new audio.
+    /// Decodes `frames` (and, at the end, the decoder's tail) and sends the new audio.
     fn emit_audio(
         &mut self,
         frames: Vec<Vec<u32>>,
-        decoder: &mut StreamDecoder,
-        skip: &mut u64,
+        run: &mut Running,
         last: bool,
     ) -> Result<(), EngineError> {
         let m = &self.model.model;
@@ -209,18 +214,24 @@ impl MusicTask {
             let flat: Vec<u32> = (0..k)
                 .flat_map(|q| frames.iter().map(move |f| f[q]))
                 .collect();
-            decoder.push(&m.codec, &Tensor::from_vec(flat, (k, n), &Device::Cpu)?)?
+            run.decoder
+                .push(&m.codec, &Tensor::from_vec(flat, (k, n), &Device::Cpu)?)?
         };
         if last {
-            audio = Tensor::cat(&[&audio, &decoder.finish(&m.codec)?], 1)?;
+            audio = Tensor::cat(&[&audio, &run.decoder.finish(&m.codec)?], 1)?;
         }
         let n = audio.dim(1)? as u64;
-        let drop = (*skip).min(n);
-        *skip -= drop;
+        let drop = run.skip_samples.min(n);
+        run.skip_samples -= drop;
         let audio = audio.narrow(1, drop as usize, (n - drop) as usize)?;
         if audio.dim(1)? > 0 {
-            let pcm = crate::codec::tensor_to_pcm(&audio, m.codec.config().sampling_rate)?;
+            let rate = m.codec.config().sampling_rate;
+            let pcm = crate::codec::tensor_to_pcm(&audio, rate)?;
             let len = pcm.frames() as u64;
+            self.base.chunk_sent("audio");
+            let meta = &self.base.meta;
+            meta.metrics
+                .audio_seconds(&meta.model, "out", len as f64 / rate as f64);
             self.base.out.push(MusicEvent::Audio {
                 start_sample: self.emitted,
                 pcm,
@@ -230,64 +241,71 @@ impl MusicTask {
         Ok(())
     }
 
+    /// After an LM step of this session: sends the audio of completed frames every
+    /// `chunk_frames`, progress, and at the end the tokens and the final event.
+    fn after_step(
+        &mut self,
+        mut run: Box<Running>,
+        completed: Option<Vec<u32>>,
+    ) -> Result<bool, EngineError> {
+        let model = self.model.clone();
+        let m = &model.model;
+        run.pending.extend(completed);
+        let done = run.generation.is_done(m);
+        if done || run.pending.len() >= self.chunk_frames {
+            let frames = std::mem::take(&mut run.pending);
+            let k = m.lm.num_codebooks() as u64;
+            let meta = &self.base.meta;
+            meta.metrics.tokens(&meta.model, frames.len() as u64 * k);
+            self.emit_audio(frames, &mut run, done)?;
+            let total = run.generation.total_steps(m) as u32;
+            self.base.out.push(MusicEvent::Progress {
+                step: run.generation.steps_done() as u32,
+                total,
+            });
+        }
+        if !done {
+            self.state = State::Running(run);
+            return Ok(false);
+        }
+        let k = m.lm.num_codebooks();
+        let p = run.generation.prompt_frames();
+        let new: Vec<u32> = run
+            .generation
+            .frames()
+            .iter()
+            .flat_map(|row| row[p..].iter().copied())
+            .collect();
+        let frames = new.len() / k;
+        if self.return_tokens {
+            self.base.out.push(MusicEvent::Tokens(Codes {
+                num_codebooks: k,
+                frames,
+                codes: new,
+            }));
+        }
+        self.base.out.push(MusicEvent::Done {
+            seed: self.seed,
+            tokens: (frames * k) as u64,
+            audio_seconds: self.emitted as f32 / m.codec.config().sampling_rate as f32,
+        });
+        Ok(true)
+    }
+
     fn work(&mut self) -> Result<bool, EngineError> {
         match std::mem::replace(&mut self.state, State::Finished) {
             State::Start(c) => {
                 self.state = self.start(c)?;
                 Ok(false)
             }
-            State::Running {
-                mut generation,
-                mut decoder,
-                mut pending,
-                mut skip_samples,
-            } => {
-                let model = self.model.clone();
-                let m = &model.model;
-                let out = generation.step(m)?;
-                pending.extend(out.completed);
-                let done = generation.is_done(m);
-                if done || pending.len() >= self.chunk_frames {
-                    let frames = std::mem::take(&mut pending);
-                    self.emit_audio(frames, &mut decoder, &mut skip_samples, done)?;
-                    let total = generation.total_steps(m) as u32;
-                    self.base.out.push(MusicEvent::Progress {
-                        step: generation.steps_done() as u32,
-                        total,
-                    });
-                }
-                if done {
-                    let k = m.lm.num_codebooks();
-                    let p = generation.prompt_frames();
-                    let new: Vec<u32> = generation
-                        .frames()
-                        .iter()
-                        .flat_map(|row| row[p..].iter().copied())
-                        .collect();
-                    let frames = new.len() / k;
-                    if self.return_tokens {
-                        self.base.out.push(MusicEvent::Tokens(Codes {
-                            num_codebooks: k,
-                            frames,
-                            codes: new,
-                        }));
-                    }
-                    self.base.out.push(MusicEvent::Done {
-                        seed: self.seed,
-                        tokens: (frames * k) as u64,
-                        audio_seconds: self.emitted as f32 / m.codec.config().sampling_rate as f32,
-                    });
-                } else {
-                    self.state = State::Running {
-                        generation,
-                        decoder,
-                        pending,
-                        skip_samples,
-                    };
-                }
-                Ok(done)
+            State::Running(mut run) => {
+                let out = run.generation.step(&self.model.model)?;
+                self.after_step(run, out.completed)
             }
-            State::Finished => Ok(true),
+            // Only reachable after a panic interrupted a step of this session.
+            State::Finished => Err(EngineError::Internal(
+                "the session was interrupted by an internal error".into(),
+            )),
         }
     }
 }
@@ -302,5 +320,76 @@ impl Stepper for MusicTask {
     }
     fn run(&mut self) -> Result<Option<bool>, EngineError> {
         self.work().map(Some)
+    }
+
+    /// LM steps of running sessions of the same model batch together; the first step (text
+    /// encoding, prompt encoding) runs alone.
+    fn batch_key(&self) -> Option<BatchKey> {
+        match self.state {
+            State::Running(_) => Some(BatchKey {
+                kind: "music",
+                model: self.model.info.name.clone(),
+                phase: "ar_step",
+            }),
+            _ => None,
+        }
+    }
+
+    fn run_batch(items: &mut [&mut Self]) -> Vec<Result<Option<bool>, EngineError>> {
+        let same_model = items.iter().all(|t| Arc::ptr_eq(&t.model, &items[0].model));
+        let all_running = items.iter().all(|t| matches!(t.state, State::Running(_)));
+        if items.len() < 2 || !same_model || !all_running {
+            return items.iter_mut().map(|t| t.run()).collect();
+        }
+        let model = items[0].model.clone();
+        // The generations step in place, so a panic leaves every session in a state that
+        // `rollback` can restore.
+        let outs = {
+            let mut gens: Vec<&mut Generation> = items
+                .iter_mut()
+                .filter_map(|t| match &mut t.state {
+                    State::Running(r) => Some(&mut *r.generation),
+                    _ => None,
+                })
+                .collect();
+            Generation::step_batch(&model.model, &mut gens)
+        };
+        match outs {
+            Ok(outs) => items
+                .iter_mut()
+                .zip(outs)
+                .map(
+                    |(t, o)| match std::mem::replace(&mut t.state, State::Finished) {
+                        State::Running(run) => t.after_step(run, o.completed).map(Some),
+                        _ => Err(EngineError::Internal("music session lost its state".into())),
+                    },
+                )
+                .collect(),
+            Err(e) => {
+                let msg = e.to_string();
+                items
+                    .iter()
+                    .map(|_| Err(EngineError::Internal(msg.clone())))
+                    .collect()
+            }
+        }
+    }
+
+    fn rollback(&mut self) {
+        if let State::Running(r) = &mut self.state {
+            r.generation.rollback();
+        }
+    }
+
+    fn rows(&self) -> usize {
+        if self.guidance > 1.0 { 2 } else { 1 }
+    }
+
+    fn remaining_steps(&self) -> Option<usize> {
+        let m = &self.model.model;
+        Some(match &self.state {
+            State::Running(r) => r.generation.total_steps(m) - r.generation.steps_done(),
+            _ => m.pattern.steps_for(self.frames),
+        })
     }
 }

@@ -3,11 +3,14 @@
 //! the terminal-error slot.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::scheduler::{BatchKey, Priority};
 use crate::worker::{Step, Task};
 
 /// Where a task sends its events, and where its terminal error goes.
@@ -57,16 +60,32 @@ impl<E> Outbox<E> {
     }
 }
 
+/// Who a session is and where it reports: the fields every task shares besides its output.
+pub(crate) struct Meta {
+    /// The model's registry name.
+    pub(crate) model: String,
+    /// Scheduling priority.
+    pub(crate) priority: Priority,
+    /// The session's deadline.
+    pub(crate) deadline: Option<Instant>,
+    /// Metrics sink.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Span that follows the request from its handler to its steps.
+    pub(crate) span: tracing::Span,
+}
+
 /// Common pieces of a task: its outbox, deadline and completion.
 pub(crate) struct Base<E> {
     pub(crate) label: String,
     pub(crate) out: Outbox<E>,
-    deadline: Option<Instant>,
+    pub(crate) meta: Meta,
+    created: Instant,
+    first_chunk: bool,
     finished: bool,
 }
 
 impl<E> Base<E> {
-    pub(crate) fn new(label: String, out: Output<E>, deadline: Option<Instant>) -> Self {
+    pub(crate) fn new(label: String, out: Output<E>, meta: Meta) -> Self {
         let (tx, terminal) = out;
         Self {
             label,
@@ -75,8 +94,20 @@ impl<E> Base<E> {
                 pending: VecDeque::new(),
                 terminal,
             },
-            deadline,
+            meta,
+            created: Instant::now(),
+            first_chunk: false,
             finished: false,
+        }
+    }
+
+    /// Records the time to the first chunk of output (once per session).
+    pub(crate) fn chunk_sent(&mut self, kind: &str) {
+        if !self.first_chunk {
+            self.first_chunk = true;
+            let secs = self.created.elapsed().as_secs_f64();
+            self.meta.metrics.first_chunk(&self.meta.model, kind, secs);
+            tracing::debug!(parent: &self.meta.span, secs, "first chunk");
         }
     }
 
@@ -88,10 +119,12 @@ impl<E> Base<E> {
         if self.finished {
             return Some(Step::Done);
         }
-        if self.deadline.is_some_and(|d| Instant::now() > d) {
+        if self.meta.deadline.is_some_and(|d| Instant::now() > d) {
             self.out.fail(EngineError::DeadlineExceeded(
                 "the request's deadline passed while it ran".into(),
             ));
+            self.meta.metrics.reject("deadline");
+            self.meta.metrics.session_end(&self.meta.model, "error");
             return Some(Step::Done);
         }
         None
@@ -101,10 +134,15 @@ impl<E> Base<E> {
     pub(crate) fn post_step(&mut self, result: Result<bool, EngineError>) -> Step {
         match result {
             Err(e) => {
+                tracing::debug!(parent: &self.meta.span, error = %e, "session failed");
                 self.out.fail(e);
+                self.meta.metrics.session_end(&self.meta.model, "error");
                 Step::Done
             }
             Ok(done) => {
+                if done && !self.finished {
+                    self.meta.metrics.session_end(&self.meta.model, "ok");
+                }
                 self.finished = done;
                 if !self.out.flush() {
                     Step::Blocked
@@ -116,11 +154,21 @@ impl<E> Base<E> {
             }
         }
     }
+
+    /// The outcome of a run (`Some(done)` or `None` = waiting for input) as a worker step.
+    fn outcome(&mut self, r: Result<Option<bool>, EngineError>) -> Step {
+        match r {
+            Ok(None) => Step::Idle,
+            Ok(Some(done)) => self.post_step(Ok(done)),
+            Err(e) => self.post_step(Err(e)),
+        }
+    }
 }
 
 /// A session's work in terms of its [`Base`]: every task implements this and gets the worker's
-/// [`Task`] for free (flush before work, deadline, failure reporting, cancellation check).
-pub(crate) trait Stepper: Send {
+/// [`Task`] for free (flush before work, deadline, failure reporting, cancellation check,
+/// batching).
+pub(crate) trait Stepper: Send + Sized + 'static {
     /// The events the session sends.
     type Event: Send;
     /// The shared parts.
@@ -129,6 +177,24 @@ pub(crate) trait Stepper: Send {
     fn base_mut(&mut self) -> &mut Base<Self::Event>;
     /// One bounded unit of work: `Some(done)`, or `None` when waiting for client input.
     fn run(&mut self) -> Result<Option<bool>, EngineError>;
+    /// What the next step can be batched with.
+    fn batch_key(&self) -> Option<BatchKey> {
+        None
+    }
+    /// One unit of work for several sessions with the same batch key, as one batched step.
+    fn run_batch(items: &mut [&mut Self]) -> Vec<Result<Option<bool>, EngineError>> {
+        items.iter_mut().map(|t| t.run()).collect()
+    }
+    /// Undoes a batched step that panicked half-way.
+    fn rollback(&mut self) {}
+    /// Model rows of the next step.
+    fn rows(&self) -> usize {
+        1
+    }
+    /// Steps still needed, for deadline estimates.
+    fn remaining_steps(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl<S: Stepper> Task for S {
@@ -136,11 +202,60 @@ impl<S: Stepper> Task for S {
         if let Some(s) = self.base_mut().pre_step() {
             return s;
         }
-        match self.run() {
-            Ok(None) => Step::Idle,
-            Ok(Some(done)) => self.base_mut().post_step(Ok(done)),
-            Err(e) => self.base_mut().post_step(Err(e)),
+        let r = self.run();
+        self.base_mut().outcome(r)
+    }
+    fn batch_key(&self) -> Option<BatchKey> {
+        Stepper::batch_key(self)
+    }
+    fn step_batch(&mut self, others: &mut [&mut dyn Task]) -> Vec<Step> {
+        let mut items: Vec<&mut S> = Vec::with_capacity(1 + others.len());
+        items.push(self);
+        for o in others.iter_mut() {
+            match o.as_any_mut().downcast_mut::<S>() {
+                Some(t) => items.push(t),
+                None => panic!("a batch mixes task types"),
+            }
         }
+        let mut steps: Vec<Option<Step>> =
+            items.iter_mut().map(|t| t.base_mut().pre_step()).collect();
+        let mut idx = Vec::new();
+        let mut ready: Vec<&mut S> = Vec::new();
+        for (i, t) in items.into_iter().enumerate() {
+            if steps[i].is_none() {
+                idx.push(i);
+                ready.push(t);
+            }
+        }
+        if !ready.is_empty() {
+            let results = S::run_batch(&mut ready);
+            for ((i, t), r) in idx.into_iter().zip(ready).zip(results) {
+                steps[i] = Some(t.base_mut().outcome(r));
+            }
+        }
+        steps
+            .into_iter()
+            .map(|s| s.unwrap_or(Step::Progress))
+            .collect()
+    }
+    fn rollback(&mut self) {
+        Stepper::rollback(self)
+    }
+    fn rows(&self) -> usize {
+        Stepper::rows(self)
+    }
+    fn priority(&self) -> Priority {
+        self.base().meta.priority
+    }
+    fn model(&self) -> &str {
+        &self.base().meta.model
+    }
+    fn estimate(&self) -> Option<(String, usize)> {
+        self.remaining_steps()
+            .map(|n| (self.base().meta.model.clone(), n))
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.base().meta.deadline
     }
     fn is_cancelled(&self) -> bool {
         self.base().out.is_closed()
@@ -150,5 +265,14 @@ impl<S: Stepper> Task for S {
     }
     fn label(&self) -> &str {
         &self.base().label
+    }
+    fn span(&self) -> &tracing::Span {
+        &self.base().meta.span
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+    fn type_key(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<S>()
     }
 }

@@ -23,6 +23,9 @@ pub struct Config {
     /// Models to load.
     #[serde(default)]
     pub models: Vec<ModelEntry>,
+    /// Front-end mode: forward every request to worker processes instead of loading models.
+    #[serde(default)]
+    pub frontend: FrontendSection,
     /// Directory relative model paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: Option<PathBuf>,
@@ -38,6 +41,20 @@ pub struct ServerSection {
     pub max_message_bytes: usize,
     /// How long in-flight streams may run after a shutdown signal.
     pub drain_timeout_s: u64,
+    /// Where Prometheus metrics are served over HTTP (`GET /metrics`); absent = off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// This process's name in the worker protocol (`cadenza.v1.Worker/Info`).
+    pub worker_id: String,
+}
+
+/// `[frontend]`: a server that loads no models and forwards to workers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FrontendSection {
+    /// Worker servers (`http://host:port`); empty = this server runs its own models.
+    pub upstreams: Vec<String>,
+    /// How often each upstream's load and models are refreshed, in milliseconds.
+    pub refresh_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -46,6 +63,8 @@ impl Default for ServerSection {
             addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_bytes: 64 << 20,
             drain_timeout_s: 10,
+            metrics_addr: None,
+            worker_id: "cadenza".into(),
         }
     }
 }
@@ -74,8 +93,15 @@ impl Config {
     /// Checks values that serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         self.engine.validate()?;
-        if self.models.is_empty() {
-            return Err("no [[models]] configured".into());
+        if self.models.is_empty() && self.frontend.upstreams.is_empty() {
+            return Err("no [[models]] configured (and no [frontend] upstreams)".into());
+        }
+        for u in &self.frontend.upstreams {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!(
+                    "frontend.upstreams: '{u}' is not an http:// or https:// URL"
+                ));
+            }
         }
         if self.server.max_message_bytes < 1024 {
             return Err("server.max_message_bytes must be at least 1024".into());

@@ -292,7 +292,8 @@ impl MagnetGeneration {
         if params.decoding_steps.len() != k || params.decoding_steps.contains(&0) {
             bail!("magnet: decoding_steps needs {k} positive entries (one per codebook)")
         }
-        if params.frames > model.config.max_frames {
+        // Only the restricted stage masks have a fixed size in the reference.
+        if model.config.subcodes_context.is_some() && params.frames > model.config.max_frames {
             bail!(
                 "magnet: {} frames requested, the model runs at most {} (frame rate x segment_duration)",
                 params.frames,

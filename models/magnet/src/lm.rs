@@ -20,9 +20,9 @@ pub struct MagnetLmConfig {
     pub span_len: usize,
     /// Frames attended on each side by stages > 0 (`None`: unrestricted).
     pub subcodes_context: Option<usize>,
-    /// The longest sequence the reference can run: its stage masks are built for
-    /// `frame_rate * segment_duration` frames (`MagnetLMModel._build_attn_masks`), and a longer
-    /// sequence fails there. MAGNeT generates exactly this many frames (`MAGNeT.duration`).
+    /// The longest sequence the reference can run with a restricted context: its stage masks
+    /// are built for `frame_rate * segment_duration` frames (`MagnetLMModel._build_attn_masks`),
+    /// and a longer sequence fails there. MAGNeT generates exactly this many frames (`MAGNeT.duration`).
     pub max_frames: usize,
 }
 

@@ -274,3 +274,23 @@ fn rescorer_probs_match_musicgen_predictions() -> Result<()> {
     }
     Ok(())
 }
+
+/// `Magnet::from_parts` reads the LM next to a T5 and codec and names a width mismatch (the
+/// fixture's stand-in T5 states are 16 wide, the MusicGen fixture's T5 is 32 wide).
+#[test]
+fn full_model_checks_the_text_encoder_width() -> Result<()> {
+    let mg_dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/musicgen/hf-tiny");
+    let hf = cadenza_musicgen::MusicGen::load_hf(&mg_dir, &Device::Cpu)?;
+    let err = cadenza_magnet::Magnet::from_parts(
+        &dir().join("state_dict.bin"),
+        hf.t5.clone(),
+        hf.tokenizer.clone(),
+        hf.codec.clone(),
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("16-wide"), "{err}");
+    Ok(())
+}

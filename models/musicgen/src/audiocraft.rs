@@ -54,6 +54,36 @@ pub struct TransformerLmCfg {
     pub kv_repeat: usize,
 }
 
+impl TransformerLmCfg {
+    /// Checks the transformer options this implementation does not support, naming the first.
+    pub fn validate(&self) -> Result<()> {
+        let t = self;
+        let unsupported = [
+            (
+                t.activation != "gelu",
+                format!("activation '{}'", t.activation),
+            ),
+            (!t.norm_first, "norm_first = false".into()),
+            (t.norm != "layer_norm", format!("norm '{}'", t.norm)),
+            (
+                t.positional_embedding != "sin",
+                format!("positional_embedding '{}'", t.positional_embedding),
+            ),
+            (t.layer_scale.is_some(), "layer_scale".into()),
+            (t.qk_layer_norm, "qk_layer_norm".into()),
+            (t.xpos, "xpos".into()),
+            (t.kv_repeat != 1, "kv_repeat".into()),
+            (t.bias_proj, "bias_proj".into()),
+        ];
+        for (bad, what) in unsupported {
+            if bad {
+                bail!("audiocraft checkpoint: {what} is not supported")
+            }
+        }
+        Ok(())
+    }
+}
+
 fn four() -> usize {
     4
 }
@@ -109,32 +139,12 @@ pub struct XpCfg {
 impl XpCfg {
     /// Checks every option this implementation does not support, naming it.
     pub fn validate(&self) -> Result<()> {
-        let t = &self.transformer_lm;
-        let unsupported = [
-            (
-                t.activation != "gelu",
-                format!("activation '{}'", t.activation),
-            ),
-            (!t.norm_first, "norm_first = false".into()),
-            (t.norm != "layer_norm", format!("norm '{}'", t.norm)),
-            (
-                t.positional_embedding != "sin",
-                format!("positional_embedding '{}'", t.positional_embedding),
-            ),
-            (t.layer_scale.is_some(), "layer_scale".into()),
-            (t.qk_layer_norm, "qk_layer_norm".into()),
-            (t.xpos, "xpos".into()),
-            (t.kv_repeat != 1, "kv_repeat".into()),
-            (t.bias_proj, "bias_proj".into()),
-            (
-                self.codebooks_pattern.modeling != "delay",
-                format!("codebooks pattern '{}'", self.codebooks_pattern.modeling),
-            ),
-        ];
-        for (bad, what) in unsupported {
-            if bad {
-                bail!("audiocraft checkpoint: {what} is not supported")
-            }
+        self.transformer_lm.validate()?;
+        if self.codebooks_pattern.modeling != "delay" {
+            bail!(
+                "audiocraft checkpoint: codebooks pattern '{}' is not supported",
+                self.codebooks_pattern.modeling
+            )
         }
         if !self
             .fuser
@@ -147,7 +157,6 @@ impl XpCfg {
         }
         Ok(())
     }
-
     /// The delays of the codebook pattern.
     pub fn delays(&self) -> Vec<usize> {
         self.codebooks_pattern
@@ -167,6 +176,19 @@ impl XpCfg {
 
 /// Reads `best_state` tensors and the `xp.cfg` YAML of an audiocraft checkpoint.
 pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(XpCfg, HashMap<String, Tensor>)> {
+    let (yaml, tensors) = read_checkpoint_raw(path, device)?;
+    let cfg: XpCfg =
+        serde_yaml::from_str(&yaml).map_err(|e| msg(format!("audiocraft xp.cfg: {e}")))?;
+    cfg.validate()?;
+    Ok((cfg, tensors))
+}
+
+/// Reads the `xp.cfg` YAML text and the `best_state` tensors (as f32 on `device`) of any
+/// audiocraft LM checkpoint (MusicGen, MAGNeT, ...), without interpreting the config.
+pub fn read_checkpoint_raw(
+    path: &Path,
+    device: &Device,
+) -> Result<(String, HashMap<String, Tensor>)> {
     let file = std::fs::File::open(path).map_err(|e| msg(format!("{}: {e}", path.display())))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| msg(format!("{}: not a torch checkpoint: {e}", path.display())))?;
@@ -194,12 +216,9 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<(XpCfg, HashMap<S
         Object::Unicode(s) => s,
         _ => bail!("audiocraft checkpoint: 'xp.cfg' is not a YAML string"),
     };
-    let cfg: XpCfg =
-        serde_yaml::from_str(&yaml).map_err(|e| msg(format!("audiocraft xp.cfg: {e}")))?;
-    cfg.validate()?;
     let tensors = candle_core::pickle::read_all_with_key(path, Some("best_state"))?
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(candle_core::DType::F32)?)))
         .collect::<Result<HashMap<_, _>>>()?;
-    Ok((cfg, tensors))
+    Ok((yaml, tensors))
 }

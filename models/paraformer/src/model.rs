@@ -239,7 +239,7 @@ impl Predictor {
     /// `CifPredictorV2.forward` at inference (no target length; batch 1 so the mask is all ones).
     pub fn forward(&self, enc: &Tensor) -> Result<CifOutput> {
         let mut alphas = self.alphas(enc)?;
-        let (_, t, d) = enc.dims3()?;
+        let d = enc.dim(2)?;
         let mut rows: Vec<f32> = enc.flatten_all()?.to_vec1()?;
         let tail = self.cfg.tail_threshold > 0.0;
         let token_num = if tail {
@@ -255,7 +255,6 @@ impl Predictor {
         for (dst, src) in data.chunks_exact_mut(d).zip(&frames) {
             dst.copy_from_slice(src);
         }
-        let _ = t;
         let embeds = Tensor::from_vec(data, (1, token_num, d), enc.device())?;
         Ok(CifOutput {
             alphas,
@@ -269,8 +268,9 @@ impl Predictor {
 /// Integrate-and-fire as `cif_v1` / `cif_wo_hidden_v1` (`models/paraformer/cif_predictor.py`):
 /// prefix sums of the weights in float64, rounded to float32 (the reference does this against
 /// "cumsum precision degradation"); a token fires at each frame where `floor(prefix)` steps up.
-/// A fired frame `f` contributes `(1 - frac(prefix_f))`... precisely: token `k` is
-/// `Σ_{prev < t <= f} α_t h_t - r_f h_f + r_prev h_prev` with `r = frac(prefix)`. Returns the
+/// Token `k`, firing at frame `f` after the previous firing at `prev`, is
+/// `Σ_{prev < t <= f} α_t h_t - r_f h_f + r_prev h_prev` with `r = frac(prefix)` (the vectorised
+/// form's cumulative-sum differences, here accumulated directly in f64). Returns the
 /// "fires" array (`frac(prefix)`, + 1 where a token fires) and the token frames.
 pub(crate) fn cif(alphas: &[f32], hidden: &[f32], d: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
     let mut prefix = Vec::with_capacity(alphas.len());

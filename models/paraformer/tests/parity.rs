@@ -140,3 +140,22 @@ fn unsupported_options_fail_at_load() {
         .unwrap_err();
     assert!(e.to_string().contains("ParaformerStreaming"), "{e}");
 }
+
+/// Real checkpoint smoke test: `CADENZA_PARAFORMER_DIR=/path/to/paraformer-zh
+/// CADENZA_PARAFORMER_WAV=/path/to/16k.wav cargo test -p cadenza-paraformer --release -- --ignored`
+#[test]
+#[ignore = "needs a published FunASR Paraformer directory"]
+fn real_checkpoint() -> Result<()> {
+    let dir = std::env::var("CADENZA_PARAFORMER_DIR")?;
+    let wav = std::env::var("CADENZA_PARAFORMER_WAV")?;
+    let model = Paraformer::load(dir, &Device::Cpu)?;
+    let pcm = cadenza_audio::decode_file(
+        std::path::Path::new(&wav),
+        &cadenza_audio::Limits::default(),
+    )?;
+    let pcm = pcm.conform(model.sample_rate(), 1)?;
+    let t = model.recognize(&pcm.samples)?;
+    println!("{} {:?}", t.text, t.timestamps);
+    assert!(!t.token_ids.is_empty());
+    Ok(())
+}

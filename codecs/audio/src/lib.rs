@@ -7,17 +7,24 @@
 //!   downmixes/upmixes and resamples to what a model expects.
 //! * [`encode_wav`] / [`write_wav`] write WAV files with hound; [`to_s16le`] / [`to_f32le`] give
 //!   raw bytes; [`chunks`] splits audio for streaming.
+//! * [`fbank`]: Kaldi-compatible log-mel fbank, LFR stacking and CMVN ([`Frontend`], batch and
+//!   streaming), the speech frontend of FunASR models.
 //!
 //! No function of this crate panics on bad input: every problem is an [`AudioError`].
 
 mod decode;
 mod error;
+pub mod fbank;
 mod pcm;
 mod resample;
 mod wav;
 
 pub use decode::{RawEncoding, decode, decode_file, decode_raw, decode_with_hint};
 pub use error::AudioError;
+pub use fbank::{
+    Cmvn, DitherRng, Fbank, FbankError, FbankOptions, Features, Frontend, FrontendConfig,
+    StreamingFrontend, WindowType,
+};
 pub use pcm::{Pcm, chunks};
 pub use resample::{MAX_RESAMPLE_RATE, MIN_RESAMPLE_RATE, StreamResampler, resample};
 pub use wav::{WavFormat, encode_wav, to_f32le, to_s16le, write_wav};

@@ -1,0 +1,536 @@
+//! The Paraformer network: SAN-M encoder, CIF predictor, parallel SAN-M decoder (batch 1, no
+//! padding masks). Key names are those of FunASR's `model.pt` state dict; references are to
+//! funasr 1.4.16.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder, linear, linear_no_bias};
+
+use crate::config::{Config, DecoderConfig, EncoderConfig, PredictorConfig};
+
+/// FunASR `LayerNorm` (`models/transformer/layer_norm.py`) = torch LayerNorm with eps 1e-12.
+fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
+    candle_nn::layer_norm(dim, 1e-12, vb)
+}
+
+/// Depthwise FSMN memory block (`fsmn_block`, Conv1d groups = channels, no bias) over a `[1, T,
+/// C]` sequence zero-padded by `(left, right)` frames, plus the input (the `x += inputs` of
+/// `MultiHeadedAttentionSANM.forward_fsmn` / `MultiHeadedAttentionSANMDecoder.forward`).
+#[derive(Debug, Clone)]
+struct Fsmn {
+    /// `[K, C]`: tap k of every channel.
+    taps: Tensor,
+    left: usize,
+    right: usize,
+}
+
+impl Fsmn {
+    fn new(channels: usize, kernel: usize, shift: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get((channels, 1, kernel), "fsmn_block.weight")?;
+        let taps = w.squeeze(1)?.t()?.contiguous()?;
+        // `left_padding = (k-1)/2 + sanm_shfit`, `right = k-1-left` (attention.py, __init__).
+        let left = (kernel - 1) / 2 + shift;
+        Ok(Fsmn {
+            taps,
+            left,
+            right: kernel - 1 - left,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let padded = x.pad_with_zeros(1, self.left, self.right)?;
+        let mut acc = x.clone();
+        for k in 0..self.taps.dim(0)? {
+            let tap = self.taps.get(k)?;
+            acc = (acc + padded.narrow(1, k, t)?.broadcast_mul(&tap)?)?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Scaled dot-product attention over heads: q `[1, Tq, H*dk]`, k/v `[1, Tk, H*dk]`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (_, tq, d) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let dk = d / heads;
+    let split = |x: &Tensor, t: usize| x.reshape((t, heads, dk))?.transpose(0, 1)?.contiguous();
+    // FunASR scales q before the product (`q_h * d_k ** -0.5`).
+    let q = (split(q, tq)? * (dk as f64).powf(-0.5))?;
+    let (k, v) = (split(k, tk)?, split(v, tk)?);
+    let p = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    p.matmul(&v)?.transpose(0, 1)?.reshape((1, tq, d))
+}
+
+/// `PositionwiseFeedForward`: `w_2(relu(w_1(x)))`.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    w_1: Linear,
+    w_2: Linear,
+}
+
+impl FeedForward {
+    fn new(d: usize, units: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(FeedForward {
+            w_1: linear(d, units, vb.pp("w_1"))?,
+            w_2: linear(units, d, vb.pp("w_2"))?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.w_2.forward(&self.w_1.forward(x)?.relu()?)
+    }
+}
+
+/// `EncoderLayerSANM` (pre-LN) with `MultiHeadedAttentionSANM`.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    linear_q_k_v: Linear,
+    linear_out: Linear,
+    fsmn: Fsmn,
+    ff: FeedForward,
+    heads: usize,
+    d: usize,
+    residual_attn: bool,
+}
+
+impl EncoderLayer {
+    fn new(in_size: usize, cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.output_size;
+        let att = vb.pp("self_attn");
+        Ok(EncoderLayer {
+            norm1: layer_norm(in_size, vb.pp("norm1"))?,
+            norm2: layer_norm(d, vb.pp("norm2"))?,
+            linear_q_k_v: linear(in_size, 3 * d, att.pp("linear_q_k_v"))?,
+            linear_out: linear(d, d, att.pp("linear_out"))?,
+            fsmn: Fsmn::new(d, cfg.kernel_size, cfg.sanm_shfit, att.clone())?,
+            ff: FeedForward::new(d, cfg.linear_units, vb.pp("feed_forward"))?,
+            heads: cfg.attention_heads,
+            d,
+            // `encoders0` maps 560 -> d: no residual when in_size != size.
+            residual_attn: in_size == d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let qkv = self.linear_q_k_v.forward(&h)?;
+        let q = qkv.narrow(D::Minus1, 0, self.d)?;
+        let k = qkv.narrow(D::Minus1, self.d, self.d)?;
+        let v = qkv.narrow(D::Minus1, 2 * self.d, self.d)?;
+        let memory = self.fsmn.forward(&v)?;
+        let att = (self
+            .linear_out
+            .forward(&attention(&q, &k, &v, self.heads)?)?
+            + memory)?;
+        let x = if self.residual_attn { (x + att)? } else { att };
+        &x + self.ff.forward(&self.norm2.forward(&x)?)?
+    }
+}
+
+/// Sinusoidal positions of `SinusoidalPositionEncoder` (`models/transformer/embedding.py`):
+/// positions 1..=T, `inv_timescale_i = exp(-i * ln(10000) / (dim/2 - 1))`, `[sin | cos]`.
+pub(crate) fn sinusoidal_positions(t: usize, dim: usize, offset: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let inc = (10000f32).ln() / (dim as f32 / 2.0 - 1.0);
+    let inv: Vec<f32> = (0..half).map(|i| (i as f32 * -inc).exp()).collect();
+    let mut out = vec![0f32; t * dim];
+    for p in 0..t {
+        let pos = (p + 1 + offset) as f32;
+        for i in 0..half {
+            let s = pos * inv[i];
+            out[p * dim + i] = s.sin();
+            out[p * dim + half + i] = s.cos();
+        }
+    }
+    out
+}
+
+/// `SANMEncoder` with `input_layer: pe`.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+    after_norm: LayerNorm,
+    d: usize,
+}
+
+impl Encoder {
+    fn new(input_size: usize, cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let mut layers = vec![EncoderLayer::new(
+            input_size,
+            cfg,
+            vb.pp("encoders0").pp("0"),
+        )?];
+        for i in 0..cfg.num_blocks - 1 {
+            layers.push(EncoderLayer::new(
+                cfg.output_size,
+                cfg,
+                vb.pp("encoders").pp(i),
+            )?);
+        }
+        Ok(Encoder {
+            layers,
+            after_norm: layer_norm(cfg.output_size, vb.pp("after_norm"))?,
+            d: cfg.output_size,
+        })
+    }
+
+    /// `[1, T, input_size]` features -> `[1, T, d]`.
+    pub fn forward(&self, feats: &Tensor) -> Result<Tensor> {
+        let (_, t, dim) = feats.dims3()?;
+        // `xs_pad * output_size ** 0.5` then the PE of the *input* width (SANMEncoder.forward).
+        let pe = Tensor::from_vec(sinusoidal_positions(t, dim, 0), (1, t, dim), feats.device())?;
+        let mut x = ((feats * (self.d as f64).sqrt())? + pe)?;
+        for l in &self.layers {
+            x = l.forward(&x)?;
+        }
+        self.after_norm.forward(&x)
+    }
+}
+
+/// `CifPredictorV2` weights: pad, Conv1d(k = l+r+1), ReLU, Linear(d, 1), sigmoid.
+#[derive(Debug, Clone)]
+pub struct Predictor {
+    conv: Conv1d,
+    out: Linear,
+    cfg: PredictorConfig,
+}
+
+/// Result of the CIF predictor on one utterance.
+#[derive(Debug, Clone)]
+pub struct CifOutput {
+    /// Per-frame weights, with the tail weight appended when `tail_threshold > 0`.
+    pub alphas: Vec<f32>,
+    /// `cif_v1` "fires": fractional part of the running sum, + 1 at firing frames.
+    pub peaks: Vec<f32>,
+    /// Number of tokens (`floor(Σα)` with a tail, `round(Σα)` without).
+    pub token_num: usize,
+    /// Acoustic embeddings `[1, token_num, d]` (zero rows where fewer frames fired).
+    pub embeds: Tensor,
+}
+
+impl Predictor {
+    fn new(cfg: &PredictorConfig, vb: VarBuilder) -> Result<Self> {
+        let k = cfg.l_order + cfg.r_order + 1;
+        Ok(Predictor {
+            conv: candle_nn::conv1d(
+                cfg.idim,
+                cfg.idim,
+                k,
+                Conv1dConfig::default(),
+                vb.pp("cif_conv1d"),
+            )?,
+            out: linear(cfg.idim, 1, vb.pp("cif_output"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Per-frame CIF weights of `[1, T, d]` encoder output (no tail).
+    pub fn alphas(&self, enc: &Tensor) -> Result<Vec<f32>> {
+        let ctx = enc
+            .transpose(1, 2)?
+            .pad_with_zeros(2, self.cfg.l_order, self.cfg.r_order)?;
+        let h = self.conv.forward(&ctx)?.relu()?.transpose(1, 2)?;
+        let a = candle_nn::ops::sigmoid(&self.out.forward(&h)?)?;
+        let a = ((a * self.cfg.smooth_factor)? - self.cfg.noise_threshold)?.relu()?;
+        a.flatten_all()?.to_vec1::<f32>()
+    }
+
+    /// `CifPredictorV2.forward` at inference (no target length; batch 1 so the mask is all ones).
+    pub fn forward(&self, enc: &Tensor) -> Result<CifOutput> {
+        let mut alphas = self.alphas(enc)?;
+        let d = enc.dim(2)?;
+        let mut rows: Vec<f32> = enc.flatten_all()?.to_vec1()?;
+        let tail = self.cfg.tail_threshold > 0.0;
+        let token_num = if tail {
+            // tail_process_fn: one more frame of weight tail_threshold and zero hidden.
+            alphas.push(self.cfg.tail_threshold as f32);
+            rows.extend(std::iter::repeat_n(0f32, d));
+            alphas.iter().sum::<f32>().floor() as usize
+        } else {
+            alphas.iter().sum::<f32>().round() as usize
+        };
+        let (peaks, frames) = cif(&alphas, &rows, d);
+        let mut data = vec![0f32; token_num * d];
+        for (dst, src) in data.chunks_exact_mut(d).zip(&frames) {
+            dst.copy_from_slice(src);
+        }
+        let embeds = Tensor::from_vec(data, (1, token_num, d), enc.device())?;
+        Ok(CifOutput {
+            alphas,
+            peaks,
+            token_num,
+            embeds,
+        })
+    }
+}
+
+/// Integrate-and-fire as `cif_v1` / `cif_wo_hidden_v1` (`models/paraformer/cif_predictor.py`):
+/// prefix sums of the weights in float64, rounded to float32 (the reference does this against
+/// "cumsum precision degradation"); a token fires at each frame where `floor(prefix)` steps up.
+/// Token `k`, firing at frame `f` after the previous firing at `prev`, is
+/// `Σ_{prev < t <= f} α_t h_t - r_f h_f + r_prev h_prev` with `r = frac(prefix)` (the vectorised
+/// form's cumulative-sum differences, here accumulated directly in f64). Returns the
+/// "fires" array (`frac(prefix)`, + 1 where a token fires) and the token frames.
+pub(crate) fn cif(alphas: &[f32], hidden: &[f32], d: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut prefix = Vec::with_capacity(alphas.len());
+    let mut acc = 0f64;
+    for &a in alphas {
+        acc += a as f64;
+        prefix.push(acc as f32);
+    }
+    let mut peaks = Vec::with_capacity(alphas.len());
+    let mut frames = Vec::new();
+    let mut cur = vec![0f64; d];
+    let mut prev_floor = 0f32;
+    for (t, &p) in prefix.iter().enumerate() {
+        let fl = p.floor();
+        let fire = fl - prev_floor > 0.0;
+        prev_floor = fl;
+        let rem = p - fl;
+        peaks.push(if fire { 1.0 + rem } else { rem });
+        let h = &hidden[t * d..(t + 1) * d];
+        let a = alphas[t] as f64;
+        if fire {
+            let r = rem as f64;
+            let mut frame = Vec::with_capacity(d);
+            for (c, &x) in cur.iter_mut().zip(h) {
+                frame.push((*c + (a - r) * x as f64) as f32);
+                *c = r * x as f64;
+            }
+            frames.push(frame);
+        } else {
+            for (c, &x) in cur.iter_mut().zip(h) {
+                *c += a * x as f64;
+            }
+        }
+    }
+    (peaks, frames)
+}
+
+/// `PositionwiseFeedForwardDecoderSANM`: `w_2(norm(relu(w_1(x))))`, `w_2` without bias.
+#[derive(Debug, Clone)]
+struct DecoderFeedForward {
+    w_1: Linear,
+    norm: LayerNorm,
+    w_2: Linear,
+}
+
+impl DecoderFeedForward {
+    fn new(d: usize, units: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(DecoderFeedForward {
+            w_1: linear(d, units, vb.pp("w_1"))?,
+            norm: layer_norm(units, vb.pp("norm"))?,
+            w_2: linear_no_bias(units, d, vb.pp("w_2"))?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.w_1.forward(x)?.relu()?;
+        self.w_2.forward(&self.norm.forward(&h)?)
+    }
+}
+
+/// `MultiHeadedAttentionCrossAtt`.
+#[derive(Debug, Clone)]
+struct CrossAttention {
+    linear_q: Linear,
+    linear_k_v: Linear,
+    linear_out: Linear,
+    heads: usize,
+    d: usize,
+}
+
+impl CrossAttention {
+    fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
+        let q = self.linear_q.forward(x)?;
+        let kv = self.linear_k_v.forward(memory)?;
+        let k = kv.narrow(D::Minus1, 0, self.d)?;
+        let v = kv.narrow(D::Minus1, self.d, self.d)?;
+        self.linear_out.forward(&attention(&q, &k, &v, self.heads)?)
+    }
+}
+
+/// `DecoderLayerSANM`: `decoders` (FSMN + cross-attention), `decoders2` (FSMN only) or
+/// `decoders3` (feed-forward only, no residual).
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    norm1: LayerNorm,
+    ff: DecoderFeedForward,
+    fsmn: Option<(LayerNorm, Fsmn)>,
+    src: Option<(LayerNorm, CrossAttention)>,
+}
+
+impl DecoderLayer {
+    fn new(
+        d: usize,
+        cfg: &DecoderConfig,
+        fsmn_shift: Option<usize>,
+        cross: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let fsmn = match fsmn_shift {
+            Some(shift) => Some((
+                layer_norm(d, vb.pp("norm2"))?,
+                Fsmn::new(d, cfg.kernel_size, shift, vb.pp("self_attn"))?,
+            )),
+            None => None,
+        };
+        let src = if cross {
+            let a = vb.pp("src_attn");
+            Some((
+                layer_norm(d, vb.pp("norm3"))?,
+                CrossAttention {
+                    linear_q: linear(d, d, a.pp("linear_q"))?,
+                    linear_k_v: linear(d, 2 * d, a.pp("linear_k_v"))?,
+                    linear_out: linear(d, d, a.pp("linear_out"))?,
+                    heads: cfg.attention_heads,
+                    d,
+                },
+            ))
+        } else {
+            None
+        };
+        Ok(DecoderLayer {
+            norm1: layer_norm(d, vb.pp("norm1"))?,
+            ff: DecoderFeedForward::new(d, cfg.linear_units, vb.pp("feed_forward"))?,
+            fsmn,
+            src,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, memory: &Tensor) -> Result<Tensor> {
+        // DecoderLayerSANM.forward: the FFN output replaces x (no residual around it); the FSMN
+        // branch adds the *layer input* as residual.
+        let t = self.ff.forward(&self.norm1.forward(x)?)?;
+        let mut x = match &self.fsmn {
+            Some((norm2, fsmn)) => (x + fsmn.forward(&norm2.forward(&t)?)?)?,
+            None => t,
+        };
+        if let Some((norm3, att)) = &self.src {
+            x = (&x + att.forward(&norm3.forward(&x)?, memory)?)?;
+        }
+        Ok(x)
+    }
+}
+
+/// `ParaformerSANMDecoder` (inference: acoustic embeddings in, token log-probabilities out).
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    layers: Vec<DecoderLayer>,
+    after_norm: LayerNorm,
+    output_layer: Linear,
+}
+
+impl Decoder {
+    fn new(d: usize, vocab: usize, cfg: &DecoderConfig, vb: VarBuilder) -> Result<Self> {
+        let shift = cfg.sanm_shfit.unwrap_or((cfg.kernel_size - 1) / 2);
+        let mut layers = Vec::new();
+        for i in 0..cfg.att_layer_num {
+            layers.push(DecoderLayer::new(
+                d,
+                cfg,
+                Some(shift),
+                true,
+                vb.pp("decoders").pp(i),
+            )?);
+        }
+        // decoders2 always uses sanm_shfit = 0 (ParaformerSANMDecoder.__init__).
+        for i in 0..cfg.num_blocks - cfg.att_layer_num {
+            layers.push(DecoderLayer::new(
+                d,
+                cfg,
+                Some(0),
+                false,
+                vb.pp("decoders2").pp(i),
+            )?);
+        }
+        layers.push(DecoderLayer::new(
+            d,
+            cfg,
+            None,
+            false,
+            vb.pp("decoders3").pp("0"),
+        )?);
+        Ok(Decoder {
+            layers,
+            after_norm: layer_norm(d, vb.pp("after_norm"))?,
+            output_layer: linear(d, vocab, vb.pp("output_layer"))?,
+        })
+    }
+
+    /// `[1, N, d]` acoustic embeddings + `[1, T, d]` encoder output -> `[1, N, vocab]`
+    /// log-probabilities (`Paraformer.cal_decoder_with_predictor` applies log_softmax).
+    pub fn forward(&self, embeds: &Tensor, memory: &Tensor) -> Result<Tensor> {
+        let mut x = embeds.clone();
+        for l in &self.layers {
+            x = l.forward(&x, memory)?;
+        }
+        let logits = self.output_layer.forward(&self.after_norm.forward(&x)?)?;
+        candle_nn::ops::log_softmax(&logits, D::Minus1)
+    }
+}
+
+/// The three networks of a Paraformer.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// SAN-M encoder.
+    pub encoder: Encoder,
+    /// CIF predictor.
+    pub predictor: Predictor,
+    /// Parallel decoder.
+    pub decoder: Decoder,
+}
+
+impl Network {
+    /// Build from a `VarBuilder` over the FunASR state dict.
+    pub fn new(cfg: &Config, vocab: usize, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.encoder_conf.output_size;
+        Ok(Network {
+            encoder: Encoder::new(cfg.input_size(), &cfg.encoder_conf, vb.pp("encoder"))?,
+            predictor: Predictor::new(&cfg.predictor_conf, vb.pp("predictor"))?,
+            decoder: Decoder::new(d, vocab, &cfg.decoder_conf, vb.pp("decoder"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loop form of CIF (`cif` in cif_predictor.py) gives the same frames as the prefix-sum
+    /// form implemented here.
+    #[test]
+    fn cif_matches_loop_form() {
+        let alphas = [0.3f32, 0.5, 0.4, 0.9, 0.1, 0.2, 0.7, 0.45];
+        let d = 2;
+        let hidden: Vec<f32> = (0..alphas.len() * d)
+            .map(|i| i as f32 * 0.1 - 0.3)
+            .collect();
+        let (peaks, frames) = cif(&alphas, &hidden, d);
+        let mut integrate = 0f64;
+        let mut cur = [0f64; 2];
+        let mut want = Vec::new();
+        for (t, &a) in alphas.iter().enumerate() {
+            let a = a as f64;
+            let h = &hidden[t * d..(t + 1) * d];
+            if integrate + a < 1.0 {
+                integrate += a;
+                for c in 0..d {
+                    cur[c] += a * h[c] as f64;
+                }
+            } else {
+                let first = 1.0 - integrate;
+                want.push([cur[0] + first * h[0] as f64, cur[1] + first * h[1] as f64]);
+                integrate = a - first;
+                cur = [integrate * h[0] as f64, integrate * h[1] as f64];
+            }
+        }
+        assert_eq!(frames.len(), want.len());
+        for (f, w) in frames.iter().zip(&want) {
+            for c in 0..d {
+                assert!((f[c] as f64 - w[c]).abs() < 1e-5);
+            }
+        }
+        assert_eq!(peaks.iter().filter(|&&p| p >= 1.0).count(), want.len());
+    }
+}

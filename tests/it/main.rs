@@ -8,6 +8,7 @@ mod codec;
 mod errors;
 mod music;
 mod ops;
+mod pool;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

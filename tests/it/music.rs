@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::{TestServer, model};
 
-fn req(prompt: &str, duration_s: f32) -> pb::GenerateMusicRequest {
+pub(crate) fn req(prompt: &str, duration_s: f32) -> pb::GenerateMusicRequest {
     pb::GenerateMusicRequest {
         model: model("musicgen"),
         prompt: prompt.into(),
@@ -25,15 +25,15 @@ fn req(prompt: &str, duration_s: f32) -> pb::GenerateMusicRequest {
     }
 }
 
-struct Collected {
-    chunks: usize,
-    samples: Vec<f32>,
-    tokens: pb::Codes,
-    fin: pb::MusicFinal,
-    progress: usize,
+pub(crate) struct Collected {
+    pub chunks: usize,
+    pub samples: Vec<f32>,
+    pub tokens: pb::Codes,
+    pub fin: pb::MusicFinal,
+    pub progress: usize,
 }
 
-async fn collect(
+pub(crate) async fn collect(
     c: &mut pb::music_client::MusicClient<tonic::transport::Channel>,
     r: pb::GenerateMusicRequest,
 ) -> Result<Collected> {
@@ -276,9 +276,14 @@ async fn cancelling_mid_generation_frees_the_slot() -> Result<()> {
         }
     }
     assert_eq!(srv.engine.load(), 1);
+    assert_eq!(
+        srv.engine.metrics().active("musicgen"),
+        1,
+        "active-session gauge"
+    );
     drop(s);
     let t = Instant::now();
-    while srv.engine.load() != 0 {
+    while srv.engine.load() != 0 || srv.engine.metrics().active("musicgen") != 0 {
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "the session must end after the client leaves"

@@ -203,7 +203,11 @@ impl Engine {
                         model: info.name.clone(),
                         prompt: "warm-up".into(),
                         duration_s: 0.1,
-                        sampling: Default::default(),
+                        // top-k 0: the model's default, capped by its vocabulary.
+                        sampling: cadenza_nn::sampling::SamplingParams {
+                            top_k: 0,
+                            ..Default::default()
+                        },
                         guidance: None,
                         seed: Some(0),
                         continuation: None,

@@ -434,11 +434,21 @@ impl pb::codec_server::Codec for CodecService {
     }
 }
 
-/// Applies `RequestMeta.deadline_ms` on top of the gRPC deadline (the earlier wins).
+/// Applies `RequestMeta.deadline_ms` on top of the gRPC deadline (the earlier wins), and
+/// `RequestMeta.priority` over the `cadenza-priority` header (`REALTIME` is for live streams;
+/// for other requests it counts as `INTERACTIVE`).
 pub(crate) fn request_options_meta(
     mut opts: cadenza_engine::RequestOptions,
     meta: Option<&pb::RequestMeta>,
 ) -> cadenza_engine::RequestOptions {
+    use cadenza_engine::Priority;
+    match meta.map(|m| m.priority()) {
+        Some(pb::Priority::Batch) => opts.priority = Priority::Batch,
+        Some(pb::Priority::Realtime | pb::Priority::Interactive) => {
+            opts.priority = Priority::Interactive
+        }
+        _ => {}
+    }
     if let Some(m) = meta
         && m.deadline_ms > 0
     {

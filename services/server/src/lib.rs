@@ -165,6 +165,7 @@ pub async fn serve_with(
         match engine.warmup().await {
             Ok(t) => tracing::info!(took = ?t, "warm-up done"),
             Err(e) => {
+                tracing::error!(error = %e, "warm-up failed");
                 let _ = stop_tx.send(());
                 engine.shutdown();
                 anyhow::bail!("warm-up failed: {e}");

@@ -75,7 +75,7 @@ fn linear_fwd(w: &Tensor, b: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
         };
     }
     let x2 = x.reshape((m, k))?;
-    let y = if m <= DOT_ROWS {
+    let y = if m <= DOT_ROWS && w.elem_count() >= DOT_MIN_WEIGHTS {
         dot_blocks(w, &x2)?.t()?
     } else {
         w.matmul(&x2.t()?)?.t()? // (m, out), column-major
@@ -92,6 +92,12 @@ fn linear_fwd(w: &Tensor, b: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
 
 /// Up to this many rows, [`linear_fwd`] uses [`dot_blocks`].
 const DOT_ROWS: usize = 2;
+
+/// ... but only for weights of at least this many elements (4 MB of f32). On small weights the
+/// blocks are too short to pay for the thread pool's barrier, which also costs a scheduler
+/// time slice per step when other processes keep the cores busy (a tiny model stepped 10x
+/// slower alone than in a batch of two on a loaded machine).
+const DOT_MIN_WEIGHTS: usize = 1 << 20;
 
 /// `W @ x^T` (out, n) for `x` (n, in) with n <= 2, as one gemm call per block of W rows small
 /// enough (rows * n <= 256) for gemm's dot-product ("horizontal") kernel, which streams the
@@ -432,46 +438,125 @@ impl DecoderLayer {
         if total != n {
             bail!("batched step: {n} rows given, the sessions have {total}")
         }
+        let (heads, hd) = (self.self_attn.heads, self.self_attn.head_dim);
+        let scale = (hd as f64).powf(-0.5);
         let h = self.norm_self.forward(x)?;
-        let qkv = lin(&self.self_attn.qkv, &h)?;
+        // One projection and one head split for every row: (N, 3, H, 1, Dh).
+        let qkv = lin(&self.self_attn.qkv, &h)?
+            .reshape((n, 3, heads, 1, hd))?
+            .contiguous()?;
+        let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1)?.contiguous(); // (N, H, 1, Dh)
+        let (q_all, k_all, v_all) = (part(0)?, part(1)?, part(2)?);
+        // Attention per session, against its own cache (sessions differ in length).
         let mut outs = Vec::with_capacity(segs.len());
         let mut off = 0;
         for seg in segs.iter_mut() {
             let r = seg.cache.rows();
-            let part = qkv.narrow(0, off, r)?;
-            let q = self.self_attn.split(&part.narrow(D::Minus1, 0, d)?)?;
-            let k = self.self_attn.split(&part.narrow(D::Minus1, d, d)?)?;
-            let v = self.self_attn.split(&part.narrow(D::Minus1, 2 * d, d)?)?;
-            let (k, v) = seg.cache.append(&k, &v)?;
-            outs.push(self.self_attn.attend_heads(&q, &k, &v, None)?);
+            let (k, v) = seg
+                .cache
+                .append(&k_all.narrow(0, off, r)?, &v_all.narrow(0, off, r)?)?;
+            let q = q_all.narrow(0, off, r)?;
+            let w = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+            outs.push(w.matmul(&v)?); // (r, H, 1, Dh)
             off += r;
         }
-        let a = lin(&self.self_attn.out, &Tensor::cat(&outs, 0)?)?;
-        let x = (x + a)?;
+        // With one position, (N, H, 1, Dh) is (N, 1, H * Dh) in memory order.
+        let a = Tensor::cat(&outs, 0)?.reshape((n, 1, d))?;
+        let x = (x + lin(&self.self_attn.out, &a)?)?;
         let x = match &self.cross {
             Some((norm, attn)) => {
                 let h = norm.forward(&x)?;
                 let wq = attn.qkv.weight().narrow(0, 0, d)?;
                 let bq = attn.qkv.bias().map(|b| b.narrow(0, 0, d)).transpose()?;
-                let q = linear_fwd(&wq, bq.as_ref(), &h)?;
-                let mut outs = Vec::with_capacity(segs.len());
-                let mut off = 0;
-                for seg in segs.iter() {
-                    let r = seg.cache.rows();
-                    let Some(kv) = seg.cross else {
-                        bail!("this layer needs cross-attention conditioning")
-                    };
-                    let q = attn.split(&q.narrow(0, off, r)?)?;
-                    outs.push(attn.attend_heads(&q, &kv.k, &kv.v, kv.mask.as_ref())?);
-                    off += r;
+                let q = linear_fwd(&wq, bq.as_ref(), &h)?
+                    .reshape((n, heads, 1, hd))?
+                    .contiguous()?;
+                // Every session's conditioning in one attention: K/V padded to the longest,
+                // the padding masked out.
+                let kvs = segs
+                    .iter()
+                    .map(|s| {
+                        s.cross.ok_or_else(|| {
+                            candle_core::Error::Msg(
+                                "this layer needs cross-attention conditioning".into(),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let kv = CrossKv::batch(&kvs)?;
+                let mut w = (q.matmul(&kv.k.t()?)? * scale)?;
+                if let Some(m) = &kv.mask {
+                    w = w.broadcast_add(m)?;
                 }
-                (&x + lin(&attn.out, &Tensor::cat(&outs, 0)?)?)?
+                let w = candle_nn::ops::softmax_last_dim(&w)?;
+                let o = w.matmul(&kv.v)?.reshape((n, 1, d))?;
+                (&x + lin(&attn.out, &o)?)?
             }
             None => x,
         };
         let h = self.norm_ff.forward(&x)?;
         let h = lin(&self.fc2, &lin(&self.fc1, &h)?.gelu_erf()?)?;
         x + h
+    }
+}
+
+impl CrossKv {
+    /// Positions of the conditioning.
+    pub fn len(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+
+    /// True when there is no conditioning.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Several sessions' conditioning stacked along the batch: K/V padded with zeros to the
+    /// longest, padding masked out (a session's own mask, if any, is kept).
+    pub fn batch(parts: &[&CrossKv]) -> Result<CrossKv> {
+        if let [one] = parts {
+            return Ok((*one).clone());
+        }
+        let l = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let same = parts.iter().all(|p| p.len() == l);
+        let any_mask = parts.iter().any(|p| p.mask.is_some());
+        let (mut ks, mut vs, mut ms) = (Vec::new(), Vec::new(), Vec::new());
+        for p in parts {
+            let (r, h, lp, dh) = p.k.dims4()?;
+            let dev = p.k.device();
+            let pad = |t: &Tensor| -> Result<Tensor> {
+                if lp == l {
+                    Ok(t.clone())
+                } else {
+                    Tensor::cat(&[t, &Tensor::zeros((r, h, l - lp, dh), DType::F32, dev)?], 2)
+                }
+            };
+            ks.push(pad(&p.k)?);
+            vs.push(pad(&p.v)?);
+            if !same || any_mask {
+                let own = match &p.mask {
+                    Some(m) => m.clone(),
+                    None => Tensor::zeros((r, 1, 1, lp), DType::F32, dev)?,
+                };
+                ms.push(if lp == l {
+                    own
+                } else {
+                    Tensor::cat(
+                        &[&own, &(Tensor::ones((r, 1, 1, l - lp), DType::F32, dev)? * -1e9)?],
+                        3,
+                    )?
+                });
+            }
+        }
+        Ok(CrossKv {
+            k: Tensor::cat(&ks, 0)?,
+            v: Tensor::cat(&vs, 0)?,
+            mask: if ms.is_empty() {
+                None
+            } else {
+                Some(Tensor::cat(&ms, 0)?)
+            },
+        })
     }
 }
 

@@ -264,8 +264,6 @@ async fn mic(a: &AsrArgs) -> Result<()> {
         capture.name, capture.rate, capture.channels
     );
     let mut live = Live::new(a.json);
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
     if a.client.local {
         let (engine, model) = crate::codec_cmd::local_engine_of(&a.client, ModelKind::Asr)?;
         let format = RawFormat {
@@ -277,6 +275,8 @@ async fn mic(a: &AsrArgs) -> Result<()> {
             .recognize_stream(config(a, model), format, RequestOptions::default())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let feeder = tokio::spawn(async move {
+            let stop = tokio::signal::ctrl_c();
+            tokio::pin!(stop);
             loop {
                 tokio::select! {
                     chunk = rx.recv() => match chunk {
@@ -342,6 +342,8 @@ async fn mic(a: &AsrArgs) -> Result<()> {
         })
         .await;
     tokio::spawn(async move {
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
                 chunk = rx.recv() => match chunk {

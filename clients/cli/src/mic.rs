@@ -55,7 +55,7 @@ impl Capture {
         // Drops audio rather than blocking the audio thread when the consumer lags.
         let stream = match sc.sample_format() {
             cpal::SampleFormat::F32 => dev.build_input_stream::<f32, _, _>(
-                config.clone(),
+                config,
                 {
                     let tx = tx.clone();
                     move |d: &[f32], _| {
@@ -66,7 +66,7 @@ impl Capture {
                 None,
             ),
             cpal::SampleFormat::I16 => dev.build_input_stream::<i16, _, _>(
-                config.clone(),
+                config,
                 {
                     let tx = tx.clone();
                     move |d: &[i16], _| {
@@ -77,7 +77,7 @@ impl Capture {
                 None,
             ),
             cpal::SampleFormat::U16 => dev.build_input_stream::<u16, _, _>(
-                config.clone(),
+                config,
                 {
                     let tx = tx.clone();
                     move |d: &[u16], _| {

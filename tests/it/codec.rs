@@ -259,8 +259,17 @@ async fn list_models() -> Result<()> {
     let names: Vec<_> = all.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
-        ["causal24", "default", "musicgen", "noncausal32", "norm48"]
+        [
+            "causal24",
+            "default",
+            "musicgen",
+            "noncausal32",
+            "norm48",
+            "paraformer"
+        ]
     );
+    let pf = all.iter().find(|m| m.name == "paraformer").unwrap();
+    assert_eq!((pf.kind.as_str(), pf.sample_rate_hz), ("asr", 16000));
     let d = all.iter().find(|m| m.name == "default").unwrap();
     assert!(d.untrained);
     assert!(d.card.contains("random weights"), "{}", d.card);

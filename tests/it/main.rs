@@ -1,9 +1,11 @@
 //! End-to-end tests: a real server on `127.0.0.1:0`, real tonic clients.
 //!
-//! Modules: `codec` (round trips and parity through the server), `errors` (every bad input
+//! Modules: `asr` (recognition through the server, the engine and the model agree; errors),
+//! `codec` (round trips and parity through the server), `errors` (every bad input
 //! gets a clear status), `music` (streamed generation, parity, validation), `ops` (health,
 //! reflection, overload, cancellation, shutdown).
 
+mod asr;
 mod codec;
 mod errors;
 mod music;
@@ -85,11 +87,17 @@ source = "embedded:encodec-tiny-untrained"
 name = "musicgen"
 kind = "music"
 source = "{mg}"
+
+[[models]]
+name = "paraformer"
+kind = "asr"
+source = "{pf}"
 "#,
         c24 = f.join("causal24").display(),
         n32 = f.join("noncausal32").display(),
         n48 = f.join("norm48").display(),
         mg = f.join("../musicgen/hf-tiny").display(),
+        pf = f.join("../paraformer/tiny").display(),
     )
 }
 

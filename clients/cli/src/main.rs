@@ -1,8 +1,11 @@
 //! `cadenza`: run the server, or talk to one (or run models in process with `--local`).
 
+mod asr_cmd;
 mod bench_load;
 mod codec_cmd;
 mod codes_file;
+#[cfg(feature = "mic")]
+mod mic;
 mod music_cmd;
 
 use std::path::PathBuf;
@@ -44,6 +47,8 @@ enum Command {
     },
     /// Text-to-music: generate a WAV from a description (streams while it generates).
     Music(music_cmd::MusicArgs),
+    /// Transcribe speech from files or the microphone (Paraformer).
+    Asr(asr_cmd::AsrArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -128,6 +133,9 @@ enum BenchAction {
     /// N concurrent music streams against a server: aggregate frames/s, time to first chunk,
     /// real-time factor (see README "Benchmarks").
     Load(bench_load::LoadArgs),
+    /// Paraformer real-time factor in process: offline (whole file) and streaming (600 ms
+    /// chunks, a partial per chunk), with per-chunk partial latency (see tools/bench/paraformer.sh).
+    Asr(asr_cmd::BenchAsrArgs),
 }
 
 fn init_tracing() {
@@ -274,6 +282,7 @@ async fn run() -> Result<()> {
         Command::Models { client, json } => codec_cmd::list_models(&client, json).await,
         Command::Codec { action } => codec_cmd::run(action).await,
         Command::Music(args) => music_cmd::run(args).await,
+        Command::Asr(args) => asr_cmd::run(args).await,
         Command::Bench {
             action:
                 BenchAction::Codec {
@@ -294,6 +303,9 @@ async fn run() -> Result<()> {
         Command::Bench {
             action: BenchAction::Load(args),
         } => bench_load::run(args).await,
+        Command::Bench {
+            action: BenchAction::Asr(args),
+        } => asr_cmd::bench(args),
     }
 }
 

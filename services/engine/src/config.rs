@@ -180,7 +180,7 @@ impl std::fmt::Display for ModelSource {
 pub struct ModelEntry {
     /// Registry name clients use.
     pub name: String,
-    /// Model family: `codec` (EnCodec) or `music` (MusicGen).
+    /// Model family: `codec` (EnCodec), `music` (MusicGen) or `asr` (Paraformer).
     pub kind: ModelKind,
     /// `embedded:NAME` or a directory path.
     pub source: String,
@@ -198,6 +198,10 @@ pub struct ModelEntry {
     /// audiocraft format: the Hugging Face EnCodec directory (e.g. `encodec_32khz`).
     #[serde(default)]
     pub codec: Option<String>,
+    /// `asr` models: the model that re-decodes each finished segment in two-pass recognition
+    /// (another `asr` entry's name; default: the model itself).
+    #[serde(default)]
+    pub second_pass: Option<String>,
 }
 
 /// The model families the engine can serve.
@@ -208,6 +212,8 @@ pub enum ModelKind {
     Codec,
     /// Text-to-music (MusicGen, Hugging Face directory format).
     Music,
+    /// Speech recognition (Paraformer, FunASR model directory).
+    Asr,
 }
 
 impl ModelKind {
@@ -216,6 +222,7 @@ impl ModelKind {
         match self {
             Self::Codec => "codec",
             Self::Music => "music",
+            Self::Asr => "asr",
         }
     }
 }

@@ -9,6 +9,7 @@
 //! Workers are OS threads, never the async runtime's; see [`worker`]. This crate knows nothing of
 //! gRPC or protobuf.
 
+pub mod asr;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -27,6 +28,9 @@ use cadenza_audio::{Limits, RawEncoding};
 use candle_core::Device;
 use tokio::sync::mpsc;
 
+pub use asr::{
+    AsrConfig, AsrEvent, AsrInput, EndReason, Endpointing, Hypothesis, Pass, RawFormat, Word,
+};
 pub use codec::{AudioInput, CodecEvent, Codes, StreamInput};
 pub use config::{EngineConfig, ModelEntry, ModelKind, ModelSource, WorkerConfig};
 pub use error::EngineError;
@@ -230,6 +234,23 @@ impl Engine {
                         channels: info.channels,
                     };
                     let mut s = self.encode(&info.name, audio, None, opts)?;
+                    while let Some(ev) = s.events.recv().await {
+                        ev?;
+                    }
+                }
+                ModelKind::Asr => {
+                    let rate = info.sample_rate;
+                    let cfg = AsrConfig {
+                        model: info.name.clone(),
+                        endpointing: Endpointing {
+                            disabled: true,
+                            ..Endpointing::default()
+                        },
+                        ..AsrConfig::default()
+                    };
+                    let pcm = cadenza_audio::Pcm::new(rate, 1, vec![0.01; rate as usize / 2])
+                        .map_err(|e| EngineError::Internal(e.to_string()))?;
+                    let mut s = self.recognize(cfg, AudioInput::Pcm(pcm), opts)?;
                     while let Some(ev) = s.events.recv().await {
                         ev?;
                     }
@@ -587,6 +608,78 @@ impl Engine {
             ))
         })
         .map(|(s, _)| s)
+    }
+
+    /// Description of a speech-recognition model (by name; empty = the default).
+    pub fn asr_info(&self, model: &str) -> Result<ModelInfo, EngineError> {
+        Ok(self.inner.registry.asr(model)?.info.clone())
+    }
+
+    /// Recognises a whole recording: the same segmentation and final hypotheses a stream of
+    /// the same audio gets (interim results are never sent). Events: `Endpoint` and final
+    /// `Hypothesis` per segment, then `Done`.
+    pub fn recognize(
+        &self,
+        cfg: AsrConfig,
+        audio: AudioInput,
+        opts: RequestOptions,
+    ) -> Result<Session<AsrEvent>, EngineError> {
+        self.counted(self.recognize_impl(cfg, audio, opts))
+    }
+
+    fn recognize_impl(
+        &self,
+        mut cfg: AsrConfig,
+        audio: AudioInput,
+        opts: RequestOptions,
+    ) -> Result<Session<AsrEvent>, EngineError> {
+        let (m, offline) = asr::resolve(&self.inner.registry, &mut cfg)?;
+        if let AudioInput::File(b) | AudioInput::Raw { bytes: b, .. } = &audio {
+            self.audio_limits()
+                .check_bytes(b.len())
+                .map_err(|e| EngineError::audio("audio", e))?;
+            if b.is_empty() {
+                return Err(EngineError::invalid("audio", "no audio bytes were sent"));
+            }
+        }
+        cfg.interim_results = false;
+        let limits = self.audio_limits();
+        let name = m.info.name.clone();
+        self.spawn(&name, "recognize", &opts, |out, meta| {
+            asr::whole_task(m, offline, cfg, audio, limits, out, meta)
+        })
+        .map(|(s, _)| s)
+    }
+
+    /// Live recognition of streamed raw PCM, at [`Priority::Live`]. Send `AsrInput`s, then
+    /// [`SessionInput::end`]. Events: interim `Hypothesis` (with `interim_results`),
+    /// `Endpoint` + final `Hypothesis` per segment, `Flushed` per flush, then `Done`.
+    /// Streams longer than `engine.max_audio_seconds` or `engine.max_input_bytes` fail with
+    /// `TooLarge`.
+    pub fn recognize_stream(
+        &self,
+        cfg: AsrConfig,
+        format: RawFormat,
+        mut opts: RequestOptions,
+    ) -> Result<(SessionInput<AsrInput>, Session<AsrEvent>), EngineError> {
+        opts.priority = Priority::Live;
+        self.counted(self.recognize_stream_impl(cfg, format, opts))
+    }
+
+    fn recognize_stream_impl(
+        &self,
+        mut cfg: AsrConfig,
+        format: RawFormat,
+        opts: RequestOptions,
+    ) -> Result<(SessionInput<AsrInput>, Session<AsrEvent>), EngineError> {
+        let (m, offline) = asr::resolve(&self.inner.registry, &mut cfg)?;
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let limits = self.audio_limits();
+        let name = m.info.name.clone();
+        let (session, waker) = self.spawn(&name, "recognize_stream", &opts, |out, meta| {
+            asr::stream_task(m, offline, cfg, format, in_rx, limits, out, meta)
+        })?;
+        Ok((Self::input(in_tx, waker), session))
     }
 
     /// Stops the workers; running sessions end with `Unavailable`.

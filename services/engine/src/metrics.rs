@@ -87,6 +87,7 @@ pub struct Metrics {
     batch_size: Family<Histogram>,
     step_seconds: Family<Histogram>,
     first_chunk_seconds: Family<Histogram>,
+    partial_latency_seconds: Family<Histogram>,
     tokens: Family<f64>,
     audio_seconds: Family<f64>,
     rejections: Family<f64>,
@@ -120,6 +121,12 @@ impl Default for Metrics {
                 "cadenza_time_to_first_chunk_seconds",
                 "histogram",
                 "From admission to the first audio or codes chunk of a session.",
+            ),
+            partial_latency_seconds: Family::new(
+                "cadenza_asr_partial_latency_seconds",
+                "histogram",
+                "Speech recognition: from the arrival of the audio chunk that completed a hypothesis \
+                 to that hypothesis being sent, by pass.",
             ),
             tokens: Family::new(
                 "cadenza_tokens_total",
@@ -200,6 +207,14 @@ impl Metrics {
             });
     }
 
+    /// Records the latency of one recognition hypothesis (`pass`: `partial` or `final`).
+    pub fn partial_latency(&self, model: &str, pass: &str, secs: f64) {
+        self.partial_latency_seconds
+            .with(vec![("model", model.into()), ("pass", pass.into())], |h| {
+                observe(h, TIME_BUCKETS, secs)
+            });
+    }
+
     /// Counts tokens produced or consumed.
     pub fn tokens(&self, model: &str, n: u64) {
         self.tokens
@@ -266,6 +281,7 @@ impl Metrics {
             (&self.batch_size, SIZE_BUCKETS),
             (&self.step_seconds, TIME_BUCKETS),
             (&self.first_chunk_seconds, TIME_BUCKETS),
+            (&self.partial_latency_seconds, TIME_BUCKETS),
         ] {
             let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
             let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);

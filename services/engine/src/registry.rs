@@ -110,11 +110,23 @@ pub struct MusicModel {
     pub model: cadenza_musicgen::MusicGen,
 }
 
+/// A loaded speech-recognition model.
+#[derive(Debug)]
+pub struct AsrModel {
+    /// Its public description.
+    pub info: ModelInfo,
+    /// The weights (cheap to clone; shared by every session).
+    pub model: cadenza_paraformer::Paraformer,
+    /// The configured second-pass model's name (two-pass recognition), if any.
+    pub second_pass: Option<String>,
+}
+
 /// All loaded models.
 #[derive(Debug, Default)]
 pub struct Registry {
     codecs: BTreeMap<String, Arc<CodecModel>>,
     music: BTreeMap<String, Arc<MusicModel>>,
+    asr: BTreeMap<String, Arc<AsrModel>>,
 }
 
 /// First paragraph of a model card after its title, as a one-line summary.
@@ -145,7 +157,10 @@ impl Registry {
     ) -> Result<Self, String> {
         let mut reg = Registry::default();
         for e in entries {
-            if reg.codecs.contains_key(&e.name) || reg.music.contains_key(&e.name) {
+            if reg.codecs.contains_key(&e.name)
+                || reg.music.contains_key(&e.name)
+                || reg.asr.contains_key(&e.name)
+            {
                 return Err(format!("model '{}' is configured twice", e.name));
             }
             let source = ModelSource::parse(&e.source, base);
@@ -163,6 +178,22 @@ impl Registry {
                     })?;
                     reg.music.insert(e.name.clone(), Arc::new(m));
                 }
+                ModelKind::Asr => {
+                    let m = load_asr(e, &source, device).map_err(|err| {
+                        format!("loading model '{}' from {source}: {err}", e.name)
+                    })?;
+                    reg.asr.insert(e.name.clone(), Arc::new(m));
+                }
+            }
+        }
+        for m in reg.asr.values() {
+            if let Some(sp) = &m.second_pass
+                && !reg.asr.contains_key(sp)
+            {
+                return Err(format!(
+                    "model '{}': second_pass = \"{sp}\" is not an asr model of this configuration",
+                    m.info.name
+                ));
             }
         }
         Ok(reg)
@@ -175,6 +206,7 @@ impl Registry {
             .values()
             .map(|m| m.info.clone())
             .chain(self.music.values().map(|m| m.info.clone()))
+            .chain(self.asr.values().map(|m| m.info.clone()))
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -194,6 +226,23 @@ impl Registry {
                 name.to_string()
             },
             available: self.music.keys().cloned().collect(),
+        })
+    }
+
+    /// A speech-recognition model by name (empty name = the first).
+    pub fn asr(&self, name: &str) -> Result<Arc<AsrModel>, EngineError> {
+        let found = if name.is_empty() {
+            self.asr.values().next()
+        } else {
+            self.asr.get(name)
+        };
+        found.cloned().ok_or_else(|| EngineError::UnknownModel {
+            name: if name.is_empty() {
+                "(default asr model)".into()
+            } else {
+                name.to_string()
+            },
+            available: self.asr.keys().cloned().collect(),
         })
     }
 
@@ -305,6 +354,42 @@ fn load_music(
     Ok(MusicModel { info, model })
 }
 
+fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<AsrModel, String> {
+    let ModelSource::Path(dir) = source else {
+        return Err("asr models load from a FunASR model directory (no embedded asr model)".into());
+    };
+    if let Some(f) = e.format.as_deref().filter(|f| *f != "funasr") {
+        return Err(format!("unknown asr format '{f}' (funasr)"));
+    }
+    let model = cadenza_paraformer::Paraformer::load(dir, device).map_err(|e| e.to_string())?;
+    let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
+        .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
+        .map(|c| card_summary(&c))
+        .unwrap_or_default();
+    let lfr_n = model.config().frontend_conf.lfr_n.max(1) as f64;
+    let shift_ms = model.config().frontend_conf.frame_shift as f64;
+    let info = ModelInfo {
+        name: e.name.clone(),
+        kind: ModelKind::Asr,
+        architecture: "paraformer".into(),
+        sample_rate: model.sample_rate(),
+        channels: 1,
+        frame_rate: 1000.0 / (lfr_n * shift_ms),
+        num_codebooks: 0,
+        codebook_size: model.tokens().len(),
+        bandwidths_kbps: vec![],
+        parameters: 0,
+        untrained: false,
+        card: e.card.clone().unwrap_or(card),
+        source: source.to_string(),
+    };
+    Ok(AsrModel {
+        info,
+        model,
+        second_pass: e.second_pass.clone(),
+    })
+}
+
 fn load_codec(
     name: &str,
     source: &ModelSource,
@@ -373,6 +458,7 @@ mod tests {
             format: None,
             t5: None,
             codec: None,
+            second_pass: None,
         }];
         let reg = Registry::load(&entries, None, &Device::Cpu).unwrap();
         let m = reg.codec("codec").unwrap();
@@ -395,6 +481,7 @@ mod tests {
             format: None,
             t5: None,
             codec: None,
+            second_pass: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
         assert!(err.contains("model 'x'"), "{err}");
@@ -412,6 +499,7 @@ mod tests {
             format: Some("audiocraft".into()),
             t5: None,
             codec: None,
+            second_pass: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
         assert!(err.contains("`t5`"), "{err}");

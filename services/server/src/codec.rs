@@ -39,7 +39,7 @@ fn bandwidth(kbps: f32) -> Result<Option<f32>, Status> {
     Ok((kbps > 0.0).then_some(kbps))
 }
 
-fn raw_encoding(e: pb::Encoding, field: &str) -> Result<RawEncoding, Status> {
+pub(crate) fn raw_encoding(e: pb::Encoding, field: &str) -> Result<RawEncoding, Status> {
     match e {
         pb::Encoding::PcmS16le => Ok(RawEncoding::S16Le),
         pb::Encoding::PcmF32le => Ok(RawEncoding::F32Le),
@@ -53,7 +53,7 @@ fn raw_encoding(e: pb::Encoding, field: &str) -> Result<RawEncoding, Status> {
     }
 }
 
-fn audio_input(
+pub(crate) fn audio_input(
     audio: Vec<u8>,
     format: Option<pb::AudioFormat>,
     limits: &cadenza_audio::Limits,
@@ -199,7 +199,7 @@ fn forward<T: Send + 'static>(
 }
 
 /// The first message of a client stream, which must exist (it carries the config).
-async fn first_message<M>(inbound: &mut Streaming<M>) -> Result<M, Status> {
+pub(crate) async fn first_message<M>(inbound: &mut Streaming<M>) -> Result<M, Status> {
     inbound
         .message()
         .await?

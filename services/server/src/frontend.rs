@@ -296,6 +296,63 @@ impl pb::codec_server::Codec for CodecProxy {
     }
 }
 
+/// The Recognition service of a front-end.
+#[derive(Debug, Clone)]
+pub struct RecognitionProxy(pub Upstreams);
+
+impl RecognitionProxy {
+    fn client(&self, ch: Channel) -> pb::recognition_client::RecognitionClient<Channel> {
+        pb::recognition_client::RecognitionClient::new(ch)
+            .max_decoding_message_size(self.0.max_message)
+            .max_encoding_message_size(self.0.max_message)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::recognition_server::Recognition for RecognitionProxy {
+    async fn recognize(
+        &self,
+        request: Request<pb::RecognizeRequest>,
+    ) -> Result<Response<pb::RecognizeResponse>, Status> {
+        let model = request
+            .get_ref()
+            .config
+            .as_ref()
+            .map(|c| name(&c.model).to_string())
+            .unwrap_or_default();
+        let (ch, _guard) = self.0.pick("asr", &model).await?;
+        let req = forward(&request, request.get_ref().clone());
+        self.client(ch).recognize(req).await
+    }
+
+    type StreamingRecognizeStream = BoxStream<pb::RecognizeEvent>;
+
+    async fn streaming_recognize(
+        &self,
+        request: Request<Streaming<pb::RecognizeClientMsg>>,
+    ) -> Result<Response<Self::StreamingRecognizeStream>, Status> {
+        use pb::recognize_client_msg::Msg;
+        let (meta, mut stream) = split(request);
+        // The model is in the first message (the config); the upstream validates the rest.
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("invalid config: the stream ended before its first message")
+        })?;
+        let model = match &first.msg {
+            Some(Msg::Config(c)) => c
+                .config
+                .as_ref()
+                .map(|c| name(&c.model).to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let (ch, guard) = self.0.pick("asr", &model).await?;
+        let input = futures::stream::once(async move { first }).chain(inbound(stream));
+        let req = forward(&meta, input);
+        let s = self.client(ch).streaming_recognize(req).await?.into_inner();
+        Ok(Response::new(relay(s, guard)))
+    }
+}
+
 /// The model name of a request (empty = the upstream's default).
 fn name(m: &Option<pb::ModelRef>) -> &str {
     m.as_ref().map_or("", |m| m.name.as_str())

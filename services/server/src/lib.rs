@@ -11,6 +11,7 @@ pub mod frontend;
 pub mod metrics_http;
 pub mod models;
 pub mod music;
+pub mod recognition;
 pub mod worker;
 
 use std::future::Future;
@@ -129,6 +130,18 @@ pub async fn serve_with(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max)
     });
+    // Recognition likewise only with an asr model.
+    let has_asr = engine
+        .models()
+        .iter()
+        .any(|m| m.kind == cadenza_engine::ModelKind::Asr);
+    let recognition = has_asr.then(|| {
+        pb::recognition_server::RecognitionServer::new(recognition::RecognitionService::new(
+            engine.clone(),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+    });
     let mut names = vec![
         pb::codec_server::SERVICE_NAME,
         pb::models_server::SERVICE_NAME,
@@ -136,6 +149,9 @@ pub async fn serve_with(
     ];
     if has_music {
         names.push(pb::music_server::SERVICE_NAME);
+    }
+    if has_asr {
+        names.push(pb::recognition_server::SERVICE_NAME);
     }
     let (reflection_v1, reflection_v1alpha) = reflection(&names)?;
     set_health(&health_reporter, &names, false).await;
@@ -150,6 +166,7 @@ pub async fn serve_with(
         .add_service(models)
         .add_service(worker)
         .add_optional_service(music)
+        .add_optional_service(recognition)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = stop_rx.await;
         });
@@ -201,6 +218,7 @@ pub async fn serve_frontend(
         pb::codec_server::SERVICE_NAME,
         pb::models_server::SERVICE_NAME,
         pb::music_server::SERVICE_NAME,
+        pb::recognition_server::SERVICE_NAME,
     ];
     let (reflection_v1, reflection_v1alpha) = reflection(&names)?;
     set_health(&health_reporter, &names, false).await;
@@ -220,6 +238,11 @@ pub async fn serve_frontend(
         )))
         .add_service(
             pb::music_server::MusicServer::new(frontend::MusicProxy(ups.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::recognition_server::RecognitionServer::new(frontend::RecognitionProxy(ups.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Paraformer-large-sized model (random weights: SAN-M encoder 50 blocks of 512, decoder 16
+# blocks, 8404 tokens, ~220 M parameters, as FunASR's paraformer-zh config): real-time factor of
+# FunASR/PyTorch vs. Cadenza (candle) on the same weights and audio, offline, plus Cadenza's
+# streaming RTF and per-chunk partial latency.
+#
+#   tools/bench/paraformer.sh [MODEL_DIR] [THREADS] [SECONDS]
+#
+#   MODEL_DIR  where the model + input.wav are created (default /tmp/cadenza-bench-paraformer)
+#   THREADS    CPU threads for both (default: $THREADS or 2)
+#   SECONDS    input length (default 10)
+#
+# Environment: PYTHON (default /work/venv/ref/bin/python, which has funasr), REPEATS (default 3),
+# CARGO (default cargo). The release binary is built with `cargo build --release -p cadenza-cli`.
+set -euo pipefail
+
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo_root="$(cd "${script_dir}/../.." && pwd)"
+model_dir="${1:-/tmp/cadenza-bench-paraformer}"
+threads="${2:-${THREADS:-2}}"
+seconds="${3:-10}"
+repeats="${REPEATS:-3}"
+cargo="${CARGO:-cargo}"
+python="${PYTHON:-/work/venv/ref/bin/python}"
+
+if ! [[ "${threads}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "paraformer.sh: THREADS must be a positive integer, got '${threads}'" >&2
+    exit 2
+fi
+if [[ ! -f "${model_dir}/model.pt" || ! -f "${model_dir}/input.wav" ]]; then
+    echo "building the random paraformer-large model in ${model_dir} ..." >&2
+    "${python}" "${script_dir}/paraformer_torch.py" build "${model_dir}" "${seconds}" >&2
+fi
+
+(cd "${repo_root}" && "${cargo}" build --release -q -p cadenza-cli)
+target="${CARGO_TARGET_DIR:-${repo_root}/target}"
+bin="${target}/release/cadenza"
+
+torch_json="$(OMP_NUM_THREADS="${threads}" "${python}" "${script_dir}/paraformer_torch.py" time "${model_dir}" "${threads}" "${repeats}")"
+rust_json="$(RAYON_NUM_THREADS="${threads}" CANDLE_NUM_THREADS="${threads}" "${bin}" bench asr \
+    --model "${model_dir}" --input "${model_dir}/input.wav" --repeats "${repeats}" --json)"
+echo "${torch_json}"
+echo "${rust_json}"
+"${python}" - "${torch_json}" "${rust_json}" <<'PY'
+import json, sys
+t, r = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"audio {r['audio_s']:.1f} s, {r['threads']} threads")
+print(f"offline   funasr/pytorch {t['offline_s']:.3f} s (RTF {t['rtf']:.3f})   "
+      f"cadenza {r['offline_s']:.3f} s (RTF {r['rtf']:.3f})   speed-up x{t['offline_s'] / r['offline_s']:.2f}")
+print(f"streaming cadenza {r['stream_s']:.3f} s (RTF {r['stream_rtf']:.3f}), {r['chunk_ms']} ms chunks "
+      f"re-decoding the utterance so far; partial latency p50 {r['partial_latency_p50_s']:.3f} s "
+      f"p95 {r['partial_latency_p95_s']:.3f} s (one stream)")
+PY

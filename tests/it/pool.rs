@@ -203,7 +203,7 @@ async fn warm_up_runs_every_model_before_serving() -> Result<()> {
     let mut w = pb::worker_client::WorkerClient::new(srv.channel().await?);
     let info = w.info(pb::WorkerInfoRequest {}).await?.into_inner();
     assert!(info.serving);
-    assert_eq!(info.models.len(), 5);
+    assert_eq!(info.models.len(), 6);
     assert_eq!(info.load, 0);
     srv.stop().await
 }

@@ -309,7 +309,33 @@ async fn run() -> Result<()> {
     }
 }
 
+/// candle asks for its thread count on every matrix product; without `RAYON_NUM_THREADS` it
+/// re-reads `/proc/cpuinfo` each time (candle-core 0.11 `utils::get_num_threads` →
+/// `num_cpus::get_physical`), which cost more than the small models' math in profiles of
+/// `bench load`. So the process re-executes itself once with the variable set to the cores it
+/// may use; `engine.threads` (see `ensure_threads`) overrides it for `serve`.
+#[cfg(unix)]
+fn pin_thread_count() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Ok(exe) = std::env::current_exe() {
+        // Only returns on failure; then run on without it.
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("RAYON_NUM_THREADS", n.to_string())
+            .exec();
+        eprintln!("warning: could not set RAYON_NUM_THREADS ({err}); continuing");
+    }
+}
+
+#[cfg(not(unix))]
+fn pin_thread_count() {}
+
 fn main() {
+    pin_thread_count();
     init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -92,10 +92,13 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> usize {
     }
     let t = params.temperature;
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if params.top_k > 0 {
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if params.top_k > 0 && params.top_k < idx.len() {
+        // Partition out the k best first (linear), then sort only those.
+        idx.select_nth_unstable_by(params.top_k - 1, desc);
         idx.truncate(params.top_k);
     }
+    idx.sort_unstable_by(desc);
     let max = logits[idx[0]];
     let mut probs: Vec<f64> = idx
         .iter()

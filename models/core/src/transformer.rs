@@ -528,7 +528,10 @@ impl CrossKv {
                 if lp == l {
                     Ok(t.clone())
                 } else {
-                    Tensor::cat(&[t, &Tensor::zeros((r, h, l - lp, dh), DType::F32, dev)?], 2)
+                    Tensor::cat(
+                        &[t, &Tensor::zeros((r, h, l - lp, dh), DType::F32, dev)?],
+                        2,
+                    )
                 }
             };
             ks.push(pad(&p.k)?);
@@ -542,7 +545,10 @@ impl CrossKv {
                     own
                 } else {
                     Tensor::cat(
-                        &[&own, &(Tensor::ones((r, 1, 1, l - lp), DType::F32, dev)? * -1e9)?],
+                        &[
+                            &own,
+                            &(Tensor::ones((r, 1, 1, l - lp), DType::F32, dev)? * -1e9)?,
+                        ],
                         3,
                     )?
                 });

@@ -14,7 +14,11 @@ fn main() -> anyhow::Result<()> {
     let (ids, mask) = m.tokenize(&["happy rock"])?;
     let cond = m.condition(&ids, &mask)?;
     let mask = mask.to_dtype(DType::F32)?;
-    for &n in if ns.is_empty() { &[1usize, 2, 4, 8, 16][..] } else { &ns[..] } {
+    for &n in if ns.is_empty() {
+        &[1usize, 2, 4, 8, 16][..]
+    } else {
+        &ns[..]
+    } {
         let mut gens = (0..n)
             .map(|i| {
                 Generation::new(

@@ -505,7 +505,16 @@ impl Worker {
                 }
             }
         }
-        let span = tracing::debug_span!("step", model = tracing::field::Empty, batch = slots.len());
+        let span = tracing::debug_span!(
+            "step",
+            model = key.as_ref().map_or("", |k| k.model.as_str()),
+            phase = key.as_ref().map_or("solo", |k| k.phase),
+            batch = slots.len()
+        );
+        // A batched step belongs to every member's request.
+        for s in &refs {
+            span.follows_from(s.task.span());
+        }
         let result = {
             let _e = span.enter();
             let (first, others) = refs.split_first_mut().expect("a batch has a member");

@@ -55,6 +55,17 @@ pub(crate) fn request_options<T>(request: &Request<T>) -> Result<RequestOptions,
     Ok(opts)
 }
 
+/// The span every request's handler runs in; the engine's session spans (and their steps on
+/// the worker) are its children, so one request can be followed from handler to model steps.
+fn request_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("grpc", path = %req.uri().path(), request_id = id)
+}
+
 /// `grpc-timeout` is digits and a unit: H, M, S, m, u, n.
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
@@ -159,6 +170,7 @@ pub async fn serve_with(
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .trace_fn(request_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -225,6 +237,7 @@ pub async fn serve_frontend(
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .trace_fn(request_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

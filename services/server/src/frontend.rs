@@ -208,10 +208,7 @@ impl pb::music_server::Music for MusicProxy {
         &self,
         request: Request<pb::GenerateMusicRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let (ch, guard) = self
-            .0
-            .pick("music", name(&request.get_ref().model))
-            .await?;
+        let (ch, guard) = self.0.pick("music", name(&request.get_ref().model)).await?;
         let mut c = pb::music_client::MusicClient::new(ch)
             .max_decoding_message_size(self.0.max_message)
             .max_encoding_message_size(self.0.max_message);
@@ -239,10 +236,7 @@ impl pb::codec_server::Codec for CodecProxy {
         &self,
         request: Request<pb::EncodeRequest>,
     ) -> Result<Response<pb::EncodeResponse>, Status> {
-        let (ch, _guard) = self
-            .0
-            .pick("codec", name(&request.get_ref().model))
-            .await?;
+        let (ch, _guard) = self.0.pick("codec", name(&request.get_ref().model)).await?;
         let req = forward(&request, request.get_ref().clone());
         self.client(ch).encode(req).await
     }
@@ -251,10 +245,7 @@ impl pb::codec_server::Codec for CodecProxy {
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
-        let (ch, _guard) = self
-            .0
-            .pick("codec", name(&request.get_ref().model))
-            .await?;
+        let (ch, _guard) = self.0.pick("codec", name(&request.get_ref().model)).await?;
         let req = forward(&request, request.get_ref().clone());
         self.client(ch).decode(req).await
     }

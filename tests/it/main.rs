@@ -6,6 +6,7 @@
 
 mod codec;
 mod errors;
+mod magnet;
 mod music;
 mod ops;
 

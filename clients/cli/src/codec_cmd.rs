@@ -78,6 +78,7 @@ pub(crate) fn local_engine_of(args: &ClientArgs, kind: ModelKind) -> Result<(Eng
             format: None,
             t5: None,
             codec: None,
+            schedule: None,
         }];
         let engine = Engine::start(cfg.engine, &cfg.models, None).map_err(anyhow::Error::msg)?;
         return Ok((engine, name));

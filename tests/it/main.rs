@@ -8,6 +8,7 @@
 mod asr;
 mod codec;
 mod errors;
+mod magnet;
 mod music;
 mod ops;
 mod pool;

@@ -199,8 +199,8 @@ async fn bad_music_requests() -> Result<()> {
                 }),
                 ..req("x", 1.0)
             },
-            Code::Unimplemented,
-            "MAGNET",
+            Code::InvalidArgument,
+            "schedule.kind",
         ),
         (
             pb::GenerateMusicRequest {

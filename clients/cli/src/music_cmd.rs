@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cadenza_audio::{Pcm, WavFormat};
-use cadenza_engine::{AudioInput, Codes, Continuation, MusicEvent, MusicRequest, RequestOptions};
+use cadenza_engine::{
+    AudioInput, Codes, Continuation, MusicEvent, MusicRequest, RequestOptions, RescoreRequest,
+    ScheduleKind, ScheduleRequest,
+};
 use cadenza_nn::sampling::SamplingParams;
 use cadenza_proto::v1 as pb;
 use clap::Args;
@@ -51,13 +54,88 @@ pub struct MusicArgs {
     /// Also write the generated codes (`codes` [n_q, frames]) to this .safetensors file.
     #[arg(long)]
     tokens_out: Option<PathBuf>,
+    /// Decoding schedule: `ar` (MusicGen models), `magnet` or `hybrid` (MAGNeT models).
+    /// Default: the model's.
+    #[arg(long, value_parser = ["ar", "magnet", "hybrid"])]
+    schedule: Option<String>,
+    /// MAGNeT decoding iterations per codebook, e.g. 20,10,10,10.
+    #[arg(long, value_delimiter = ',')]
+    steps: Option<Vec<u32>>,
+    /// Hybrid: seconds generated autoregressively before MAGNeT takes over (default 3).
+    #[arg(long)]
+    prefix_seconds: Option<f32>,
+    /// Hybrid: the autoregressive model generating the prefix (default: the model's).
+    #[arg(long)]
+    prefix_model: Option<String>,
+    /// Rescore MAGNeT's confidences with this autoregressive model (same codec).
+    #[arg(long, value_name = "MODEL")]
+    rescore_with: Option<String>,
+    /// The rescorer's weight in (0, 1] (default 0.3); turns rescoring on.
+    #[arg(long, value_name = "W")]
+    rescore_weight: Option<f32>,
+    /// No rescoring, even where the model's default schedule rescores.
+    #[arg(long, conflicts_with_all = ["rescore_with", "rescore_weight"])]
+    no_rescore: bool,
+}
+
+impl MusicArgs {
+    /// The schedule flags as the engine's request.
+    fn schedule(&self) -> ScheduleRequest {
+        let rescore = if self.no_rescore {
+            Some(RescoreRequest::default())
+        } else if self.rescore_with.is_some() || self.rescore_weight.is_some() {
+            Some(RescoreRequest {
+                enabled: true,
+                model: self.rescore_with.clone(),
+                weight: self.rescore_weight,
+            })
+        } else {
+            None
+        };
+        ScheduleRequest {
+            kind: self.schedule.as_deref().and_then(ScheduleKind::parse),
+            decoding_steps: self
+                .steps
+                .as_ref()
+                .map(|v| v.iter().map(|&x| x as usize).collect()),
+            prefix_s: self.prefix_seconds,
+            prefix_model: self.prefix_model.clone(),
+            rescore,
+            ..Default::default()
+        }
+    }
+
+    /// The schedule flags as the proto message (`None` when none is given).
+    fn schedule_pb(&self) -> Option<pb::Schedule> {
+        let s = self.schedule();
+        if s == ScheduleRequest::default() {
+            return None;
+        }
+        Some(pb::Schedule {
+            kind: match s.kind {
+                None => pb::schedule::Kind::Unspecified,
+                Some(ScheduleKind::Ar) => pb::schedule::Kind::Autoregressive,
+                Some(ScheduleKind::Magnet) => pb::schedule::Kind::Magnet,
+                Some(ScheduleKind::Hybrid) => pb::schedule::Kind::Hybrid,
+            } as i32,
+            decoding_steps: self.steps.clone().unwrap_or_default(),
+            prefix_s: s.prefix_s.unwrap_or(0.0),
+            prefix_model: s.prefix_model.map(|name| pb::ModelRef { name }),
+            rescore: s.rescore.map(|r| pb::Rescore {
+                model: r.model.map(|name| pb::ModelRef { name }),
+                weight: r.weight.unwrap_or(0.0),
+                disabled: !r.enabled,
+            }),
+            ..Default::default()
+        })
+    }
 }
 
 fn bar() -> ProgressBar {
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template(
-            "{spinner} generating [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})",
+            "{spinner} generating {prefix} [{bar:30}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
@@ -124,13 +202,13 @@ async fn local(a: &MusicArgs) -> Result<Outcome> {
         ))),
         None => None,
     };
-    let d = SamplingParams::default();
     let req = MusicRequest {
         model,
         prompt: a.prompt.clone(),
         duration_s: a.duration,
         sampling: SamplingParams {
-            temperature: a.temperature.unwrap_or(d.temperature),
+            // 0 = the schedule's default (the engine resolves it).
+            temperature: a.temperature.unwrap_or(0.0),
             top_k: a.top_k.unwrap_or(0) as usize,
             top_p: a.top_p.unwrap_or(0.0),
             greedy: a.greedy,
@@ -140,8 +218,9 @@ async fn local(a: &MusicArgs) -> Result<Outcome> {
         continuation,
         chunk_frames: None,
         return_tokens: a.tokens_out.is_some(),
+        schedule: a.schedule(),
     };
-    let model = engine.music_info(&req.model)?.name;
+    let model = engine.music_info_for(&req.model, req.schedule.kind)?.name;
     let mut session = engine.generate_music(req, RequestOptions::default())?;
     let pb = bar();
     let mut out = Outcome {
@@ -152,7 +231,8 @@ async fn local(a: &MusicArgs) -> Result<Outcome> {
     };
     while let Some(ev) = session.events.recv().await {
         match ev? {
-            MusicEvent::Progress { step, total } => {
+            MusicEvent::Progress { stage, step, total } => {
+                pb.set_prefix(stage);
                 pb.set_length(total.into());
                 pb.set_position(step.into());
             }
@@ -210,6 +290,7 @@ async fn remote(a: &MusicArgs) -> Result<Outcome> {
         }),
         output_encoding: pb::Encoding::PcmF32le as i32,
         return_tokens: a.tokens_out.is_some(),
+        schedule: a.schedule_pb(),
         ..Default::default()
     };
     let mut stream = client
@@ -235,6 +316,7 @@ async fn remote(a: &MusicArgs) -> Result<Outcome> {
                 pb.set_message(format!("queued at position {}", adm.queue_position))
             }
             Some(Event::Progress(p)) => {
+                pb.set_prefix(p.stage);
                 pb.set_length(p.total.into());
                 pb.set_position(p.step.into());
             }

@@ -311,6 +311,69 @@ pub struct CrossKv {
     mask: Option<Tensor>,
 }
 
+impl CrossKv {
+    /// Conditioning rows (the batch size of K and V).
+    pub fn rows(&self) -> usize {
+        self.k.dim(0).unwrap_or(0)
+    }
+
+    /// The rows of several sessions' conditioning stacked into one batch, for a forward pass
+    /// over all their rows. Shorter conditionings are padded to the longest with zero K/V and
+    /// an additive mask of -1e9 there, so each row attends to exactly its own positions (the
+    /// softmax weight of a padded position is exactly 0 in f32); when all lengths are equal and
+    /// no part has a mask, no mask is added (the same arithmetic as one session alone).
+    pub fn concat(parts: &[&CrossKv]) -> Result<CrossKv> {
+        let Some(first) = parts.first() else {
+            bail!("CrossKv::concat: nothing to concatenate")
+        };
+        if parts.len() == 1 {
+            return Ok((*first).clone());
+        }
+        let max_l = parts
+            .iter()
+            .map(|p| p.k.dim(2))
+            .collect::<Result<Vec<_>>>()?;
+        let l = max_l.iter().copied().max().unwrap_or(0);
+        let need_mask = parts.iter().any(|p| p.mask.is_some()) || max_l.iter().any(|&x| x != l);
+        let (mut ks, mut vs, mut ms) = (Vec::new(), Vec::new(), Vec::new());
+        for (p, &pl) in parts.iter().zip(&max_l) {
+            let (k, v) = if pl < l {
+                (
+                    p.k.pad_with_zeros(2, 0, l - pl)?,
+                    p.v.pad_with_zeros(2, 0, l - pl)?,
+                )
+            } else {
+                (p.k.clone(), p.v.clone())
+            };
+            ks.push(k);
+            vs.push(v);
+            if need_mask {
+                let b = p.rows();
+                let own = match &p.mask {
+                    Some(m) => m.clone(),
+                    None => Tensor::zeros((b, 1, 1, pl), DType::F32, p.k.device())?,
+                };
+                let m = if pl < l {
+                    let pad = (Tensor::ones((b, 1, 1, l - pl), DType::F32, p.k.device())? * -1e9)?;
+                    Tensor::cat(&[&own, &pad], 3)?
+                } else {
+                    own
+                };
+                ms.push(m);
+            }
+        }
+        Ok(CrossKv {
+            k: Tensor::cat(&ks, 0)?,
+            v: Tensor::cat(&vs, 0)?,
+            mask: if need_mask {
+                Some(Tensor::cat(&ms, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
 /// One pre-norm decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {

@@ -134,8 +134,10 @@ struct Pending {
     filled: Vec<bool>,
 }
 
-/// One session of MAGNeT decoding (B = 1; two forward rows with CFG).
-#[derive(Debug)]
+/// One session of MAGNeT decoding (B = 1; two forward rows with CFG). Cloning is cheap (the
+/// conditioning K/V are shared tensors): a worker can snapshot a session before a batched step
+/// and restore it if the step fails half-way.
+#[derive(Debug, Clone)]
 pub struct MagnetGeneration {
     frames: Vec<Vec<u32>>,
     prompt: Vec<Vec<u32>>,
@@ -701,6 +703,55 @@ impl MagnetGeneration {
         let logits = model.forward_stage(&input, &self.cross, self.stage)?;
         self.finish(&logits)
     }
+
+    /// One decoding iteration for several sessions in one forward pass: their inputs are
+    /// stacked (every session's rows back to back), their conditionings concatenated with
+    /// padding masked out ([`CrossKv::concat`]), and each session finishes on its own rows, so
+    /// the tokens are those of stepping each alone (up to float rounding in the matmuls).
+    /// All sessions must be at the same stage with the same sequence length (the stage's
+    /// attention mask and the input shape are shared). If an error occurs, sessions may be left
+    /// half-stepped: keep a clone to restore.
+    pub fn step_batch(
+        model: &MagnetLm,
+        gens: &mut [&mut MagnetGeneration],
+    ) -> Result<Vec<StepInfo>> {
+        let Some(first) = gens.first() else {
+            return Ok(Vec::new());
+        };
+        let (stage, t) = (first.stage, first.seq_len());
+        if gens
+            .iter()
+            .any(|g| g.is_done() || g.stage != stage || g.seq_len() != t)
+        {
+            bail!(
+                "magnet: a batched iteration needs unfinished sessions at the same stage and length"
+            )
+        }
+        if gens.len() == 1 {
+            return Ok(vec![gens[0].step(model)?]);
+        }
+        let inputs = gens
+            .iter_mut()
+            .map(|g| g.prepare(model))
+            .collect::<Result<Vec<_>>>()?;
+        let input = Tensor::cat(&inputs, 0)?;
+        let cross = (0..first_layers(gens))
+            .map(|l| CrossKv::concat(&gens.iter().map(|g| &g.cross[l]).collect::<Vec<_>>()))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = model.forward_stage(&input, &cross, stage)?;
+        let mut row = 0;
+        let mut out = Vec::with_capacity(gens.len());
+        for g in gens.iter_mut() {
+            let r = g.rows();
+            out.push(g.finish(&logits.narrow(0, row, r)?)?);
+            row += r;
+        }
+        Ok(out)
+    }
+}
+
+fn first_layers(gens: &[&mut MagnetGeneration]) -> usize {
+    gens.first().map_or(0, |g| g.cross.len())
 }
 
 #[cfg(test)]

@@ -62,6 +62,17 @@ impl Magnet {
         codec_dir: &Path,
         device: &Device,
     ) -> Result<Self> {
+        let (t5, tokenizer) = Self::load_t5(t5_dir, device)?;
+        let codec = Encodec::load(codec_dir, device)?;
+        Self::from_parts(checkpoint, t5, Some(tokenizer), codec, device)
+    }
+
+    /// Loads a Hugging Face T5 encoder directory (`config.json`, `model.safetensors`,
+    /// `tokenizer.json`).
+    pub fn load_t5(
+        t5_dir: &Path,
+        device: &Device,
+    ) -> Result<(T5Encoder, Arc<tokenizers::Tokenizer>)> {
         let read = |p: std::path::PathBuf| {
             std::fs::read_to_string(&p).map_err(|e| msg(format!("{}: {e}", p.display())))
         };
@@ -79,8 +90,7 @@ impl Magnet {
             .map_err(|e| msg(format!("{}: {e}", t5_dir.join("tokenizer.json").display())))?;
         let tokenizer = tokenizers::Tokenizer::from_bytes(&tok)
             .map_err(|e| msg(format!("tokenizer.json: {e}")))?;
-        let codec = Encodec::load(codec_dir, device)?;
-        Self::from_parts(checkpoint, t5, Some(Arc::new(tokenizer)), codec, device)
+        Ok((t5, Arc::new(tokenizer)))
     }
 
     /// Builds MAGNeT from its LM checkpoint and an already loaded T5 and codec (the codec's
@@ -95,6 +105,19 @@ impl Magnet {
         let c = codec.config();
         let frame_rate = (c.sampling_rate as f64 / c.hop_length() as f64).round() as usize;
         let lm = MagnetLm::load_audiocraft(checkpoint, frame_rate, device)?;
+        Self::from_lm(lm, t5, tokenizer, codec, device)
+    }
+
+    /// Builds MAGNeT from a loaded LM (e.g. [`MagnetLm::from_tensors`], built for the codec's
+    /// frame rate), T5 and codec; checks that they fit together.
+    pub fn from_lm(
+        lm: MagnetLm,
+        t5: T5Encoder,
+        tokenizer: Option<Arc<tokenizers::Tokenizer>>,
+        codec: Encodec,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = codec.config();
         if lm.text_dim() != t5.hidden_size() {
             return Err(msg(format!(
                 "magnet: the conditioner expects {}-wide text states, the T5 gives {}",

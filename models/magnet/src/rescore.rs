@@ -14,6 +14,10 @@ use candle_core::{Result, Tensor, bail};
 /// sequence (`T + max_delay` steps, starting from the special token) runs in one causal forward
 /// pass: the input at step `s` of codebook `q` is frame `s - 1 - delay[q]`, and the output at step
 /// `s` predicts frame `s - delay[q]`, as in `cadenza_musicgen::Generation::step`.
+///
+/// A code equal to the card (MAGNeT's mask id: codebooks of later stages are still undecided
+/// while an earlier stage is rescored) is fed as the rescorer's special token (the embedding it
+/// sees before a codebook starts in the delay pattern) and gets probability 0 (not scored).
 pub fn teacher_forced_probs(
     lm: &Lm,
     pattern: &DelayPattern,
@@ -31,8 +35,8 @@ pub fn teacher_forced_probs(
         )
     }
     let t = frames[0].len();
-    if frames.iter().any(|f| f.len() != t) || frames.iter().flatten().any(|&c| c as usize >= card) {
-        bail!("rescore: frames must be {k} rows of equal length with codes below {card}")
+    if frames.iter().any(|f| f.len() != t) || frames.iter().flatten().any(|&c| c as usize > card) {
+        bail!("rescore: frames must be {k} rows of equal length with codes up to {card} (unknown)")
     }
     if t == 0 {
         return Ok(vec![Vec::new(); k]);
@@ -83,7 +87,10 @@ pub fn teacher_forced_probs(
             }
             let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
             let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-            out[q][f] = (row[frames[q][f] as usize] - max).exp() / sum;
+            let code = frames[q][f] as usize;
+            if code < card {
+                out[q][f] = (row[code] - max).exp() / sum;
+            }
         }
     }
     Ok(out)

@@ -188,10 +188,15 @@ pub struct ModelEntry {
     #[serde(default)]
     pub card: Option<String>,
     /// Checkpoint format of a music model: `hf` (default; a `MusicgenForConditionalGeneration`
-    /// directory) or `audiocraft` (`source` = `state_dict.bin` or its directory, plus `t5` and
-    /// `codec`).
+    /// directory), `audiocraft` (an autoregressive MusicGen `state_dict.bin` or its directory,
+    /// plus `t5` and `codec`) or `audiocraft-magnet` (a MAGNeT `state_dict.bin`, e.g.
+    /// `facebook/magnet-small-10secs`, plus `t5` and `codec`). A MAGNeT model is still
+    /// `kind = "music"`: it serves the same `Music.Generate` API with other schedules.
     #[serde(default)]
     pub format: Option<String>,
+    /// Music models: the default decoding schedule and its parameters (`[models.schedule]`).
+    #[serde(default)]
+    pub schedule: Option<ScheduleDefaults>,
     /// audiocraft format: the Hugging Face T5 directory (e.g. `t5-base`).
     #[serde(default)]
     pub t5: Option<String>,
@@ -225,4 +230,37 @@ impl ModelKind {
             Self::Asr => "asr",
         }
     }
+}
+
+/// Per-model schedule defaults (`[models.schedule]` of a music model). Every field is optional;
+/// a request overrides them field by field.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleDefaults {
+    /// `ar`, `magnet` or `hybrid`. Default: `ar` for MusicGen, `magnet` for MAGNeT.
+    pub kind: Option<String>,
+    /// MAGNeT iterations per codebook. Default: `[20, 10, 10, 10]` (audiocraft's `MAGNeT`
+    /// defaults; one entry per codebook for other codebook counts: 20 then 10s).
+    pub decoding_steps: Option<Vec<usize>>,
+    /// Hybrid: seconds generated autoregressively first. Default 3.
+    pub prefix_s: Option<f32>,
+    /// Hybrid: the autoregressive model (registry name) that generates the prefix; it must
+    /// share the codec. Needed for `hybrid`.
+    pub prefix_model: Option<String>,
+    /// Rescore MAGNeT's confidences by default (needs `rescore_with`). Default false.
+    pub rescore: Option<bool>,
+    /// The autoregressive model (registry name) used for rescoring.
+    pub rescore_with: Option<String>,
+    /// The rescorer's weight in (0, 1]. Default 0.3 (MAGNeT's own weight 0.7).
+    pub rescore_weight: Option<f32>,
+    /// MAGNeT span arrangement: `nonoverlap` (default) or `stride1`.
+    pub span_arrangement: Option<String>,
+    /// MAGNeT CFG coefficient at the first iteration of a stage. Default 10.
+    pub max_cfg: Option<f32>,
+    /// MAGNeT CFG coefficient at the last iteration of a stage. Default 1.
+    pub min_cfg: Option<f32>,
+    /// MAGNeT initial temperature (annealed to 0 within each stage). Default 3.
+    pub temperature: Option<f32>,
+    /// MAGNeT top-p. Default 0.9.
+    pub top_p: Option<f32>,
 }

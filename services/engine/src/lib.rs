@@ -32,11 +32,15 @@ pub use asr::{
     AsrConfig, AsrEvent, AsrInput, EndReason, Endpointing, Hypothesis, Pass, RawFormat, Word,
 };
 pub use codec::{AudioInput, CodecEvent, Codes, StreamInput};
-pub use config::{EngineConfig, ModelEntry, ModelKind, ModelSource, WorkerConfig};
+pub use config::{
+    EngineConfig, ModelEntry, ModelKind, ModelSource, ScheduleDefaults, WorkerConfig,
+};
 pub use error::EngineError;
 pub use metrics::Metrics;
-pub use music::{Continuation, MusicEvent, MusicRequest};
-pub use registry::{ModelInfo, Registry};
+pub use music::{
+    Continuation, MusicEvent, MusicRequest, RescoreRequest, ScheduleKind, ScheduleRequest,
+};
+pub use registry::{ModelInfo, MusicBackend, MusicModel, Registry};
 pub use scheduler::Priority;
 pub use worker::{Admitted, WorkerHandle};
 
@@ -217,6 +221,11 @@ impl Engine {
                         continuation: None,
                         chunk_frames: None,
                         return_tokens: false,
+                        // Hybrid defaults need more than 0.1 s: warm the MAGNeT path alone.
+                        schedule: ScheduleRequest {
+                            kind: (info.architecture == "magnet").then_some(ScheduleKind::Magnet),
+                            ..Default::default()
+                        },
                     };
                     let mut s = self.generate_music(req, opts)?;
                     while let Some(ev) = s.events.recv().await {
@@ -505,9 +514,19 @@ impl Engine {
         Ok((Self::input(in_tx, waker), session))
     }
 
-    /// Description of a music model (by name; empty = the default).
+    /// Description of a music model (by name; empty = the default autoregressive model).
     pub fn music_info(&self, model: &str) -> Result<ModelInfo, EngineError> {
-        Ok(self.inner.registry.music(model)?.info.clone())
+        Ok(self.inner.registry.music_for(model, None)?.info.clone())
+    }
+
+    /// Description of the music model a request would run: by name, or (empty name) the
+    /// first model that runs the schedule `kind` (see [`Registry::music_for`]).
+    pub fn music_info_for(
+        &self,
+        model: &str,
+        kind: Option<ScheduleKind>,
+    ) -> Result<ModelInfo, EngineError> {
+        Ok(self.inner.registry.music_for(model, kind)?.info.clone())
     }
 
     /// Starts text-to-music generation. Validates every parameter first (errors name the
@@ -526,12 +545,10 @@ impl Engine {
         mut req: MusicRequest,
         opts: RequestOptions,
     ) -> Result<Session<MusicEvent>, EngineError> {
-        let m = self.inner.registry.music(&req.model)?;
-        let lm = &m.model.lm;
-        // top-k 0 = MusicGen's default of 250, capped by the vocabulary.
-        if req.sampling.top_k == 0 {
-            req.sampling.top_k = 250.min(lm.card());
-        }
+        let m = self
+            .inner
+            .registry
+            .music_for(&req.model, req.schedule.kind)?;
         if req.prompt.trim().is_empty() {
             return Err(EngineError::invalid("prompt", "the prompt is empty"));
         }
@@ -541,55 +558,30 @@ impl Engine {
                 format!("{} bytes; the limit is 2000", req.prompt.len()),
             ));
         }
-        // The model's own limit (`generation_config.json` `max_length`: BOS + frames + delays)
-        // and the server's, whichever is lower.
-        let model_max_s = (m
-            .model
-            .defaults
-            .max_length
-            .saturating_sub(1 + m.model.pattern.max_delay())) as f64
-            / m.model.frame_rate();
-        let max_s = self.inner.cfg.max_music_seconds.min(model_max_s);
-        if !req.duration_s.is_finite() || req.duration_s <= 0.0 || req.duration_s as f64 > max_s {
-            return Err(EngineError::invalid(
-                "duration_s",
-                format!("{} s is outside (0, {max_s}]", req.duration_s),
-            ));
-        }
-        req.sampling
-            .validate()
-            .map_err(|(f, r)| EngineError::invalid(format!("sampling.{f}"), r))?;
-        if req.sampling.top_k > lm.card() {
-            return Err(EngineError::invalid(
-                "sampling.top_k",
-                format!(
-                    "{} exceeds the vocabulary ({})",
-                    req.sampling.top_k,
-                    lm.card()
-                ),
-            ));
-        }
-        let guidance = req.guidance.unwrap_or(m.model.defaults.guidance_scale);
-        if !guidance.is_finite() || !(1.0..=100.0).contains(&guidance) {
-            return Err(EngineError::invalid(
-                "guidance",
-                format!("{guidance} is outside [1, 100] (0 = model default, 1 = no CFG)"),
-            ));
-        }
         if let Some(0) = req.chunk_frames {
             return Err(EngineError::invalid("chunk_ms", "must be positive"));
         }
+        let fr = m.frame_rate();
+        let continuation_frames = match &req.continuation {
+            Some(Continuation::Codes(c)) => c.frames,
+            _ => 0,
+        };
+        let plan = music::resolve_plan(
+            &self.inner.registry,
+            &m,
+            &mut req,
+            self.inner.cfg.max_music_seconds,
+            continuation_frames,
+        )?;
+        let max_s = self.inner.cfg.max_music_seconds;
         if let Some(Continuation::Codes(c)) = &req.continuation
-            && c.frames > (max_s * m.model.frame_rate()) as usize
+            && c.frames > (max_s * fr) as usize
         {
             return Err(EngineError::TooLarge {
                 what: "continuation_codes".into(),
                 detail: format!("{} frames", c.frames),
             });
         }
-        let frames = ((req.duration_s as f64) * m.model.frame_rate())
-            .round()
-            .max(1.0) as usize;
         let seed = req.seed.unwrap_or_else(|| {
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -603,9 +595,7 @@ impl Engine {
         };
         let name = m.info.name.clone();
         self.spawn(&name, "music", &opts, |out, meta| {
-            Ok(music::MusicTask::new(
-                m, req, frames, guidance, seed, limits, out, meta,
-            ))
+            Ok(music::MusicTask::new(m, req, plan, seed, limits, out, meta))
         })
         .map(|(s, _)| s)
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cadenza_codecs::Encodec;
 use candle_core::Device;
 
-use crate::config::{ModelEntry, ModelKind, ModelSource};
+use crate::config::{ModelEntry, ModelKind, ModelSource, ScheduleDefaults};
 use crate::error::EngineError;
 
 /// A model compiled into the binary: its files and model card.
@@ -52,12 +52,32 @@ const EMBEDDED_MUSIC: &[EmbeddedMusic] = &[EmbeddedMusic {
     untrained: true,
 }];
 
+/// An embedded MAGNeT: an audiocraft `state_dict.bin` LM that takes its T5 (and tokenizer)
+/// and codec from an embedded MusicGen.
+struct EmbeddedMagnet {
+    name: &'static str,
+    state_dict: &'static [u8],
+    /// The [`EMBEDDED_MUSIC`] entry whose T5 and codec it uses.
+    parts_from: &'static str,
+    card: &'static str,
+    untrained: bool,
+}
+
+const EMBEDDED_MAGNET: &[EmbeddedMagnet] = &[EmbeddedMagnet {
+    name: "magnet-tiny-untrained",
+    state_dict: include_bytes!("../../../models/pretrained/magnet-tiny-untrained/state_dict.bin"),
+    parts_from: "musicgen-tiny-untrained",
+    card: include_str!("../../../models/pretrained/magnet-tiny-untrained/MODEL_CARD.md"),
+    untrained: true,
+}];
+
 /// Names of the embedded models.
 pub fn embedded_names() -> Vec<&'static str> {
     EMBEDDED
         .iter()
         .map(|m| m.name)
         .chain(EMBEDDED_MUSIC.iter().map(|m| m.name))
+        .chain(EMBEDDED_MAGNET.iter().map(|m| m.name))
         .collect()
 }
 
@@ -101,13 +121,95 @@ pub struct CodecModel {
     pub model: Encodec,
 }
 
+/// The weights of a text-to-music model: which schedules it can run.
+#[derive(Debug)]
+pub enum MusicBackend {
+    /// Autoregressive MusicGen (delay pattern): schedule `ar`.
+    Ar(Box<cadenza_musicgen::MusicGen>),
+    /// MAGNeT (masked, non-autoregressive): schedules `magnet` and `hybrid`.
+    Magnet(Box<cadenza_magnet::Magnet>),
+}
+
 /// A loaded text-to-music model.
 #[derive(Debug)]
 pub struct MusicModel {
     /// Its public description.
     pub info: ModelInfo,
     /// The weights.
-    pub model: cadenza_musicgen::MusicGen,
+    pub backend: MusicBackend,
+    /// Schedule defaults from its config entry.
+    pub schedule: ScheduleDefaults,
+}
+
+impl MusicModel {
+    /// The MusicGen weights, if it is autoregressive.
+    pub fn ar(&self) -> Option<&cadenza_musicgen::MusicGen> {
+        match &self.backend {
+            MusicBackend::Ar(m) => Some(m),
+            MusicBackend::Magnet(_) => None,
+        }
+    }
+
+    /// The MAGNeT weights, if it is one.
+    pub fn magnet(&self) -> Option<&cadenza_magnet::Magnet> {
+        match &self.backend {
+            MusicBackend::Magnet(m) => Some(m),
+            MusicBackend::Ar(_) => None,
+        }
+    }
+
+    /// Its codec.
+    pub fn codec(&self) -> &Encodec {
+        match &self.backend {
+            MusicBackend::Ar(m) => &m.codec,
+            MusicBackend::Magnet(m) => &m.codec,
+        }
+    }
+
+    /// Token frames per second.
+    pub fn frame_rate(&self) -> f64 {
+        match &self.backend {
+            MusicBackend::Ar(m) => m.frame_rate(),
+            MusicBackend::Magnet(m) => m.frame_rate(),
+        }
+    }
+
+    /// Codebooks the LM models.
+    pub fn num_codebooks(&self) -> usize {
+        self.info.num_codebooks
+    }
+
+    /// Entries per codebook.
+    pub fn card(&self) -> usize {
+        self.info.codebook_size
+    }
+
+    /// Whether `other` produces and reads the same tokens: the same codec configuration
+    /// (sample rate, channels, hop length, codebook size) and the same LM codebooks and
+    /// cards. Weights are not compared (a checkpoint names its codec, it does not carry it);
+    /// two models configured with different codec weights of the same shape pass this check.
+    pub fn same_codec(&self, other: &MusicModel) -> Result<(), String> {
+        let (a, b) = (self.codec().config(), other.codec().config());
+        let diffs = [
+            (
+                "sample rate",
+                a.sampling_rate as usize,
+                b.sampling_rate as usize,
+            ),
+            ("channels", a.audio_channels, b.audio_channels),
+            ("hop length", a.hop_length(), b.hop_length()),
+            ("codec codebook size", a.codebook_size, b.codebook_size),
+            ("LM codebooks", self.num_codebooks(), other.num_codebooks()),
+            ("LM card", self.card(), other.card()),
+        ];
+        match diffs.iter().find(|(_, x, y)| x != y) {
+            Some((what, x, y)) => Err(format!(
+                "'{}' and '{}' do not share a codec ({what} {x} vs {y})",
+                self.info.name, other.info.name
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A loaded speech-recognition model.
@@ -196,7 +298,65 @@ impl Registry {
                 ));
             }
         }
+        reg.check_schedules()?;
         Ok(reg)
+    }
+
+    /// Checks every music model's schedule defaults against the loaded models: the prefix
+    /// model and rescorer exist, are autoregressive and share the codec.
+    fn check_schedules(&self) -> Result<(), String> {
+        for m in self.music.values() {
+            let s = &m.schedule;
+            let kind = s
+                .kind
+                .as_deref()
+                .unwrap_or(if m.ar().is_some() { "ar" } else { "magnet" });
+            let ok_kinds: &[&str] = if m.ar().is_some() {
+                &["ar"]
+            } else {
+                &["magnet", "hybrid"]
+            };
+            if !ok_kinds.contains(&kind) {
+                return Err(format!(
+                    "model '{}': schedule.kind '{kind}' is not supported ({})",
+                    m.info.name,
+                    ok_kinds.join(", ")
+                ));
+            }
+            for (field, name) in [
+                ("prefix_model", &s.prefix_model),
+                ("rescore_with", &s.rescore_with),
+            ] {
+                let Some(name) = name else { continue };
+                let other = self.music.get(name).ok_or_else(|| {
+                    format!(
+                        "model '{}': schedule.{field} '{name}' is not a loaded music model",
+                        m.info.name
+                    )
+                })?;
+                if other.ar().is_none() {
+                    return Err(format!(
+                        "model '{}': schedule.{field} '{name}' is not autoregressive",
+                        m.info.name
+                    ));
+                }
+                m.same_codec(other)
+                    .map_err(|e| format!("model '{}': schedule.{field}: {e}", m.info.name))?;
+            }
+            if kind == "hybrid" && s.prefix_model.is_none() {
+                return Err(format!(
+                    "model '{}': schedule.kind 'hybrid' needs schedule.prefix_model",
+                    m.info.name
+                ));
+            }
+            if s.rescore == Some(true) && s.rescore_with.is_none() {
+                return Err(format!(
+                    "model '{}': schedule.rescore needs schedule.rescore_with",
+                    m.info.name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every model's description, sorted by name.
@@ -246,6 +406,31 @@ impl Registry {
         })
     }
 
+    /// A music model by name; an empty name picks the first model that runs `kind`'s
+    /// schedule (MAGNeT models for `magnet` / `hybrid`, autoregressive ones otherwise), or
+    /// the first model if none does.
+    pub fn music_for(
+        &self,
+        name: &str,
+        kind: Option<crate::ScheduleKind>,
+    ) -> Result<Arc<MusicModel>, EngineError> {
+        if !name.is_empty() {
+            return self.music(name);
+        }
+        let want_magnet = matches!(
+            kind,
+            Some(crate::ScheduleKind::Magnet | crate::ScheduleKind::Hybrid)
+        );
+        match self
+            .music
+            .values()
+            .find(|m| m.magnet().is_some() == want_magnet)
+        {
+            Some(m) => Ok(m.clone()),
+            None => self.music(""),
+        }
+    }
+
     /// A codec by name (empty name = the only/first codec).
     pub fn codec(&self, name: &str) -> Result<Arc<CodecModel>, EngineError> {
         let found = if name.is_empty() {
@@ -272,6 +457,13 @@ fn load_music(
 ) -> Result<MusicModel, String> {
     use cadenza_musicgen::MusicGen;
     let (name, card) = (e.name.as_str(), e.card.as_deref());
+    let is_magnet = match source {
+        ModelSource::Embedded(n) => EMBEDDED_MAGNET.iter().any(|m| m.name == n),
+        ModelSource::Path(_) => e.format.as_deref() == Some("audiocraft-magnet"),
+    };
+    if is_magnet {
+        return load_magnet(e, source, base, device);
+    }
     let (model, card_text, untrained) = match source {
         ModelSource::Embedded(n) => {
             let emb = EMBEDDED_MUSIC.iter().find(|m| m.name == n).ok_or_else(|| {
@@ -322,7 +514,9 @@ fn load_music(
         }
         ModelSource::Path(dir) => {
             if let Some(f) = e.format.as_deref().filter(|f| *f != "hf") {
-                return Err(format!("unknown music format '{f}' (hf, audiocraft)"));
+                return Err(format!(
+                    "unknown music format '{f}' (hf, audiocraft, audiocraft-magnet)"
+                ));
             }
             let model = MusicGen::load_hf(dir, device).map_err(|e| e.to_string())?;
             let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
@@ -351,7 +545,136 @@ fn load_music(
         card: card.map(str::to_string).unwrap_or(card_text),
         source: source.to_string(),
     };
-    Ok(MusicModel { info, model })
+    Ok(MusicModel {
+        info,
+        backend: MusicBackend::Ar(Box::new(model)),
+        schedule: e.schedule.clone().unwrap_or_default(),
+    })
+}
+
+/// An embedded MusicGen's parts (for the T5 and codec an embedded MAGNeT shares).
+fn embedded_musicgen(name: &str, device: &Device) -> Result<cadenza_musicgen::MusicGen, String> {
+    let emb = EMBEDDED_MUSIC
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| format!("no embedded music model '{name}'"))?;
+    let tensors =
+        candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
+    cadenza_musicgen::MusicGen::from_parts(
+        emb.config_json,
+        Some(emb.generation_config_json),
+        Some(emb.tokenizer_json),
+        tensors,
+        device,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Reads an audiocraft MAGNeT LM checkpoint for a codec of `frame_rate` frames/s; returns the
+/// LM and its parameter count.
+fn read_magnet_lm(
+    path: &std::path::Path,
+    frame_rate: usize,
+    device: &Device,
+) -> Result<(cadenza_magnet::MagnetLm, u64), String> {
+    let (yaml, tensors) = cadenza_musicgen::audiocraft::read_checkpoint_raw(path, device)
+        .map_err(|e| e.to_string())?;
+    let params = tensors.values().map(|t| t.elem_count() as u64).sum();
+    let cfg = cadenza_magnet::MagnetXpCfg::from_yaml(&yaml).map_err(|e| e.to_string())?;
+    let lm = cadenza_magnet::MagnetLm::from_tensors(&cfg, tensors, frame_rate, device)
+        .map_err(|e| e.to_string())?;
+    Ok((lm, params))
+}
+
+fn codec_frame_rate(codec: &Encodec) -> usize {
+    let c = codec.config();
+    (c.sampling_rate as f64 / c.hop_length() as f64).round() as usize
+}
+
+fn load_magnet(
+    e: &ModelEntry,
+    source: &ModelSource,
+    base: Option<&std::path::Path>,
+    device: &Device,
+) -> Result<MusicModel, String> {
+    use cadenza_magnet::Magnet;
+    let (model, params, card_text, untrained) = match source {
+        ModelSource::Embedded(n) => {
+            let emb = EMBEDDED_MAGNET
+                .iter()
+                .find(|m| m.name == n)
+                .ok_or_else(|| format!("no embedded MAGNeT '{n}'"))?;
+            let parts = embedded_musicgen(emb.parts_from, device)?;
+            // candle reads torch zip checkpoints from files only: stage the bytes in a
+            // private temporary file.
+            let tmp = std::env::temp_dir().join(format!(
+                "cadenza-{}-{}-{:?}.bin",
+                emb.name,
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::write(&tmp, emb.state_dict).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let lm = read_magnet_lm(&tmp, codec_frame_rate(&parts.codec), device);
+            let _ = std::fs::remove_file(&tmp);
+            let (lm, params) = lm?;
+            let model = Magnet::from_lm(lm, parts.t5, parts.tokenizer, parts.codec, device)
+                .map_err(|e| e.to_string())?;
+            (model, params, card_summary(emb.card), emb.untrained)
+        }
+        ModelSource::Path(p) => {
+            let path = |v: &Option<String>, what: &str| -> Result<std::path::PathBuf, String> {
+                match v.as_deref().map(|v| ModelSource::parse(v, base)) {
+                    Some(ModelSource::Path(p)) => Ok(p),
+                    _ => Err(format!(
+                        "format = \"audiocraft-magnet\" needs `{what}` = a directory"
+                    )),
+                }
+            };
+            let ckpt = if p.is_dir() {
+                p.join("state_dict.bin")
+            } else {
+                p.clone()
+            };
+            let (t5_dir, codec_dir) = (path(&e.t5, "t5")?, path(&e.codec, "codec")?);
+            // Magnet::load_audiocraft's steps, keeping the parameter count.
+            let codec =
+                cadenza_codecs::Encodec::load(&codec_dir, device).map_err(|e| e.to_string())?;
+            let (lm, params) = read_magnet_lm(&ckpt, codec_frame_rate(&codec), device)?;
+            let shell = Magnet::load_t5(&t5_dir, device).map_err(|e| e.to_string())?;
+            let model = Magnet::from_lm(lm, shell.0, Some(shell.1), codec, device)
+                .map_err(|e| e.to_string())?;
+            let card = ckpt
+                .parent()
+                .and_then(|d| std::fs::read_to_string(d.join("README.md")).ok())
+                .map(|c| card_summary(&c))
+                .unwrap_or_default();
+            (model, params, card, false)
+        }
+    };
+    if model.tokenizer.is_none() {
+        return Err("the T5 directory has no tokenizer.json (needed for text prompts)".into());
+    }
+    let codec = model.codec.config();
+    let info = ModelInfo {
+        name: e.name.clone(),
+        kind: ModelKind::Music,
+        architecture: "magnet".into(),
+        sample_rate: codec.sampling_rate,
+        channels: codec.audio_channels as u16,
+        frame_rate: model.frame_rate(),
+        num_codebooks: model.lm.num_codebooks(),
+        codebook_size: model.lm.card(),
+        bandwidths_kbps: vec![],
+        parameters: params,
+        untrained,
+        card: e.card.clone().unwrap_or(card_text),
+        source: source.to_string(),
+    };
+    Ok(MusicModel {
+        info,
+        backend: MusicBackend::Magnet(Box::new(model)),
+        schedule: e.schedule.clone().unwrap_or_default(),
+    })
 }
 
 fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<AsrModel, String> {
@@ -459,6 +782,7 @@ mod tests {
             t5: None,
             codec: None,
             second_pass: None,
+            schedule: None,
         }];
         let reg = Registry::load(&entries, None, &Device::Cpu).unwrap();
         let m = reg.codec("codec").unwrap();
@@ -482,6 +806,7 @@ mod tests {
             t5: None,
             codec: None,
             second_pass: None,
+            schedule: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
         assert!(err.contains("model 'x'"), "{err}");
@@ -500,6 +825,7 @@ mod tests {
             t5: None,
             codec: None,
             second_pass: None,
+            schedule: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
         assert!(err.contains("`t5`"), "{err}");

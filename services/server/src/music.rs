@@ -3,7 +3,10 @@
 use std::pin::Pin;
 
 use cadenza_audio::{Pcm, RawEncoding};
-use cadenza_engine::{Continuation, Engine, EngineError, MusicEvent, MusicRequest};
+use cadenza_engine::{
+    Continuation, Engine, EngineError, MusicEvent, MusicRequest, RescoreRequest, ScheduleKind,
+    ScheduleRequest,
+};
 use cadenza_nn::sampling::SamplingParams;
 use cadenza_proto::v1 as pb;
 use futures::Stream;
@@ -36,14 +39,11 @@ fn event(e: pb::music_event::Event) -> pb::MusicEvent {
 
 fn sampling(s: Option<pb::Sampling>) -> (SamplingParams, Option<u64>) {
     let s = s.unwrap_or_default();
-    let d = SamplingParams::default();
     (
         SamplingParams {
-            temperature: if s.temperature == 0.0 {
-                d.temperature
-            } else {
-                s.temperature
-            },
+            // 0 = the schedule's default (1 for autoregressive stages, 3 annealed for MAGNeT);
+            // the engine resolves it.
+            temperature: s.temperature,
             // 0 = the model's default; the engine resolves it (top-k 250, capped by the vocabulary).
             top_k: s.top_k as usize,
             top_p: s.top_p,
@@ -80,6 +80,41 @@ fn continuation(req: &mut pb::GenerateMusicRequest) -> Result<Option<Continuatio
     })
 }
 
+/// The proto schedule as the engine's request (zero values = model defaults).
+fn schedule(s: Option<pb::Schedule>) -> Result<ScheduleRequest, Status> {
+    let Some(s) = s else {
+        return Ok(ScheduleRequest::default());
+    };
+    let kind = match pb::schedule::Kind::try_from(s.kind) {
+        Ok(pb::schedule::Kind::Unspecified) => None,
+        Ok(pb::schedule::Kind::Autoregressive) => Some(ScheduleKind::Ar),
+        Ok(pb::schedule::Kind::Magnet) => Some(ScheduleKind::Magnet),
+        Ok(pb::schedule::Kind::Hybrid) => Some(ScheduleKind::Hybrid),
+        Err(_) => {
+            return Err(invalid(
+                "schedule.kind",
+                format!("unknown schedule kind {}", s.kind),
+            ));
+        }
+    };
+    let nonzero = |x: f32| (x != 0.0).then_some(x);
+    Ok(ScheduleRequest {
+        kind,
+        decoding_steps: (!s.decoding_steps.is_empty())
+            .then(|| s.decoding_steps.iter().map(|&x| x as usize).collect()),
+        prefix_s: nonzero(s.prefix_s),
+        prefix_model: s.prefix_model.map(|m| m.name).filter(|n| !n.is_empty()),
+        span_arrangement: (!s.span_arrangement.is_empty()).then_some(s.span_arrangement),
+        max_cfg: nonzero(s.max_cfg),
+        min_cfg: nonzero(s.min_cfg),
+        rescore: s.rescore.map(|r| RescoreRequest {
+            enabled: !r.disabled,
+            model: r.model.map(|m| m.name).filter(|n| !n.is_empty()),
+            weight: nonzero(r.weight),
+        }),
+    })
+}
+
 fn audio_bytes(pcm: &Pcm, enc: pb::Encoding) -> Vec<u8> {
     match enc {
         pb::Encoding::PcmS16le => cadenza_audio::to_s16le(&pcm.samples),
@@ -99,19 +134,11 @@ impl pb::music_server::Music for MusicService {
         let mut req = request.into_inner();
         let opts = request_options_meta(opts, req.meta.as_ref());
         let model = req.model.take().map(|m| m.name).unwrap_or_default();
-        let info = self.engine.music_info(&model).map_err(status)?;
-        if let Some(s) = &req.schedule {
-            match s.kind() {
-                pb::schedule::Kind::Unspecified | pb::schedule::Kind::Autoregressive => {}
-                k => {
-                    return Err(Status::unimplemented(format!(
-                        "schedule.kind {}: '{}' is an autoregressive MusicGen model; MAGNeT and hybrid schedules are not available yet",
-                        k.as_str_name(),
-                        info.name
-                    )));
-                }
-            }
-        }
+        let schedule = schedule(req.schedule.take())?;
+        let info = self
+            .engine
+            .music_info_for(&model, schedule.kind)
+            .map_err(status)?;
         let out_enc = match req.output_encoding() {
             pb::Encoding::Unspecified => pb::Encoding::PcmF32le,
             e @ (pb::Encoding::PcmF32le | pb::Encoding::PcmS16le | pb::Encoding::Wav) => e,
@@ -139,6 +166,7 @@ impl pb::music_server::Music for MusicService {
                     continuation,
                     chunk_frames,
                     return_tokens: req.return_tokens,
+                    schedule,
                 },
                 opts,
             )
@@ -164,9 +192,9 @@ impl pb::music_server::Music for MusicService {
             while let Some(ev) = events.recv().await {
                 let msg = match ev {
                     Err(e) => Err(status(e)),
-                    Ok(MusicEvent::Progress { step, total }) => {
+                    Ok(MusicEvent::Progress { stage, step, total }) => {
                         Ok(event(pb::music_event::Event::Progress(pb::Progress {
-                            stage: "ar".into(),
+                            stage: stage.into(),
                             step,
                             total,
                         })))

@@ -1,0 +1,352 @@
+//! MAGNeT, hybrid and rescored schedules through a real server: audio length, streaming of the
+//! hybrid prefix, token equality with the model crate's own decode, batching across sessions,
+//! and validation of every schedule field.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use cadenza_engine::{ModelEntry, ModelKind, Registry};
+use cadenza_magnet::{DecodeParams, MagnetGeneration};
+use cadenza_proto::v1 as pb;
+use candle_core::Device;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::{TestServer, model};
+
+/// A copy of the MusicGen fixture whose codec claims 24 kHz: loads fine, but its tokens are not
+/// the MAGNeT model's (a rescorer / prefix model with a different codec).
+fn musicgen_24k() -> Result<PathBuf> {
+    let src = crate::fixtures().join("../musicgen/hf-tiny");
+    let dst = std::env::temp_dir().join(format!("cadenza-mg24k-{}", std::process::id()));
+    std::fs::create_dir_all(&dst)?;
+    for f in [
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        std::fs::copy(src.join(f), dst.join(f))?;
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
+    // Same weights at 24 kHz (bandwidth scaled so the codec keeps 4 quantizers).
+    cfg["audio_encoder"]["sampling_rate"] = 24000.into();
+    cfg["audio_encoder"]["target_bandwidths"] = serde_json::json!([1.0]);
+    std::fs::write(dst.join("config.json"), cfg.to_string())?;
+    Ok(dst)
+}
+
+/// The test config plus the embedded MAGNeT placeholder (sharing the MusicGen fixture's codec,
+/// which is the embedded MusicGen's) and a MusicGen with another codec.
+fn magnet_config() -> Result<String> {
+    Ok(format!(
+        r#"{}
+[[models]]
+name = "musicgen24k"
+kind = "music"
+source = "{}"
+
+[[models]]
+name = "magnet"
+kind = "music"
+source = "embedded:magnet-tiny-untrained"
+[models.schedule]
+prefix_model = "musicgen"
+rescore_with = "musicgen"
+"#,
+        crate::test_config(""),
+        musicgen_24k()?.display()
+    ))
+}
+
+fn req(schedule: pb::Schedule, duration_s: f32) -> pb::GenerateMusicRequest {
+    pb::GenerateMusicRequest {
+        model: model("magnet"),
+        prompt: "calm piano".into(),
+        duration_s,
+        sampling: Some(pb::Sampling {
+            seed: 5,
+            ..Default::default()
+        }),
+        chunk_ms: 100,
+        return_tokens: true,
+        schedule: Some(schedule),
+        ..Default::default()
+    }
+}
+
+fn magnet(steps: &[u32]) -> pb::Schedule {
+    pb::Schedule {
+        kind: pb::schedule::Kind::Magnet as i32,
+        decoding_steps: steps.to_vec(),
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    samples: Vec<f32>,
+    /// Audio chunks and the progress stage seen last before each.
+    chunks: Vec<String>,
+    stages: Vec<String>,
+    tokens: Option<pb::Codes>,
+    fin: Option<pb::MusicFinal>,
+}
+
+async fn run(srv: &TestServer, r: pb::GenerateMusicRequest) -> Result<Run> {
+    let mut c = pb::music_client::MusicClient::new(srv.channel().await?);
+    let mut s = c.generate(r).await?.into_inner();
+    let mut out = Run::default();
+    while let Some(m) = s.next().await {
+        match m?.event.expect("an event") {
+            pb::music_event::Event::Audio(a) => {
+                assert_eq!(a.start_sample as usize, out.samples.len());
+                assert!(!a.provisional);
+                out.samples.extend(crate::from_f32le(&a.data));
+                out.chunks
+                    .push(out.stages.last().cloned().unwrap_or_default());
+            }
+            pb::music_event::Event::Progress(p) => {
+                if out.stages.last() != Some(&p.stage) {
+                    out.stages.push(p.stage);
+                }
+            }
+            pb::music_event::Event::Tokens(t) => out.tokens = Some(t),
+            pb::music_event::Event::Final(f) => out.fin = Some(f),
+            pb::music_event::Event::Admitted(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn magnet_hybrid_and_rescored_return_audio_of_the_right_length() -> Result<()> {
+    let srv = TestServer::start(&magnet_config()?).await?;
+    // 1 s = 50 frames of 640 samples at 32 kHz; 50 is not a multiple of the span (3): the
+    // sequence is decoded with 51 frames and cut.
+    let m = run(&srv, req(magnet(&[4, 2, 2, 2]), 1.0)).await?;
+    assert_eq!(m.samples.len(), 32000);
+    let t = m.tokens.as_ref().expect("tokens");
+    assert_eq!((t.num_codebooks, t.frames), (4, 50));
+    assert_eq!(m.stages, ["magnet"]);
+    assert_eq!(m.fin.as_ref().expect("final").model, "magnet");
+    assert!(m.samples.iter().all(|x| x.is_finite()));
+
+    // Hybrid: 0.4 s of autoregressive prefix (streamed before MAGNeT starts), then MAGNeT.
+    let h = run(
+        &srv,
+        req(
+            pb::Schedule {
+                kind: pb::schedule::Kind::Hybrid as i32,
+                decoding_steps: vec![3, 2, 2, 2],
+                prefix_s: 0.4,
+                ..Default::default()
+            },
+            1.0,
+        ),
+    )
+    .await?;
+    assert_eq!(h.samples.len(), 32000);
+    assert_eq!(h.stages, ["ar", "magnet"]);
+    assert!(
+        h.chunks.iter().filter(|s| *s == "ar").count() >= 2,
+        "the prefix streams in chunks: {:?}",
+        h.chunks
+    );
+    assert_eq!(h.tokens.as_ref().expect("tokens").frames, 50);
+
+    // Rescored by the MusicGen fixture: a rescoring pass between iterations.
+    let mut s = magnet(&[3, 2, 2, 2]);
+    s.rescore = Some(pb::Rescore {
+        model: model("musicgen"),
+        weight: 0.5,
+        disabled: false,
+    });
+    let r = run(&srv, req(s, 0.6)).await?;
+    assert_eq!(r.samples.len(), 30 * 640);
+    assert!(r.stages.contains(&"rescore".to_string()), "{:?}", r.stages);
+
+    // The model's default schedule (magnet, [20, 10, 10, 10]) with no schedule message.
+    let mut d = req(magnet(&[]), 0.5);
+    d.schedule = None;
+    let d = run(&srv, d).await?;
+    assert_eq!(d.samples.len(), 25 * 640);
+    srv.stop().await
+}
+
+/// Greedy MAGNeT through the server gives exactly the tokens of `MagnetGeneration` run directly
+/// on the same weights.
+#[tokio::test]
+async fn greedy_magnet_through_the_server_equals_the_direct_decode() -> Result<()> {
+    let steps = [4u32, 3, 2, 2];
+    let srv = TestServer::start(&magnet_config()?).await?;
+    let mut r = req(magnet(&steps), 0.6);
+    r.sampling = Some(pb::Sampling {
+        greedy: true,
+        seed: 1,
+        ..Default::default()
+    });
+    let got = run(&srv, r).await?.tokens.expect("tokens");
+    srv.stop().await?;
+
+    let reg = Registry::load(
+        &[ModelEntry {
+            name: "m".into(),
+            kind: ModelKind::Music,
+            source: "embedded:magnet-tiny-untrained".into(),
+            card: None,
+            format: None,
+            t5: None,
+            codec: None,
+            schedule: None,
+            second_pass: None,
+        }],
+        None,
+        &Device::Cpu,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let m = reg.music("m")?;
+    let mg = m.magnet().expect("a MAGNeT model");
+    let (ids, mask) = mg.tokenize(&["calm piano"])?;
+    let cond = mg.condition(&ids, &mask)?;
+    let mut g = MagnetGeneration::new(
+        &mg.lm,
+        &cond,
+        None,
+        DecodeParams {
+            frames: 30,
+            decoding_steps: steps.iter().map(|&s| s as usize).collect(),
+            greedy: true,
+            seed: 1,
+            ..Default::default()
+        },
+    )?;
+    while !g.is_done() {
+        g.step(&mg.lm)?;
+    }
+    let want: Vec<u32> = g.frames().iter().flatten().copied().collect();
+    assert_eq!((got.num_codebooks, got.frames), (4, 30));
+    assert_eq!(got.codes, want);
+    Ok(())
+}
+
+/// Several greedy sessions at once: their MAGNeT iterations share forward passes (the batch
+/// metric shows it) and give the same tokens as each alone.
+#[tokio::test]
+async fn batched_magnet_iterations_equal_solo() -> Result<()> {
+    let srv = TestServer::start(&magnet_config()?).await?;
+    let prompts = ["calm piano", "loud rock with drums", "jazz"];
+    let mk = |p: &str| {
+        let mut r = req(magnet(&[5, 3, 3, 3]), 0.6);
+        r.prompt = p.into();
+        r.sampling = Some(pb::Sampling {
+            greedy: true,
+            seed: 1,
+            ..Default::default()
+        });
+        r
+    };
+    let mut solo = Vec::new();
+    for p in prompts {
+        solo.push(run(&srv, mk(p)).await?.tokens.expect("tokens"));
+    }
+    let before = batched_steps(&srv);
+    let together = futures::future::join_all(prompts.iter().map(|p| run(&srv, mk(p)))).await;
+    for (t, s) in together.into_iter().zip(&solo) {
+        assert_eq!(&t?.tokens.expect("tokens"), s);
+    }
+    assert!(
+        batched_steps(&srv) > before,
+        "no MAGNeT iteration ran batched:\n{}",
+        srv.engine.metrics().render()
+    );
+    srv.stop().await
+}
+
+/// Sessions stepped in `magnet_iter` batches minus batches: > 0 once a batch held 2+ sessions.
+fn batched_steps(srv: &TestServer) -> f64 {
+    let text = srv.engine.metrics().render();
+    let get = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("phase=\"magnet_iter\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    get("cadenza_batch_size_sum") - get("cadenza_batch_size_count")
+}
+
+#[tokio::test]
+async fn invalid_schedules_are_rejected_naming_the_field() -> Result<()> {
+    let srv = TestServer::start(&magnet_config()?).await?;
+    let mut c = pb::music_client::MusicClient::new(srv.channel().await?);
+    let hybrid = |prefix_s: f32| pb::Schedule {
+        kind: pb::schedule::Kind::Hybrid as i32,
+        prefix_s,
+        ..Default::default()
+    };
+    let rescore = |name: &str, weight: f32| pb::Schedule {
+        kind: pb::schedule::Kind::Magnet as i32,
+        rescore: Some(pb::Rescore {
+            model: model(name),
+            weight,
+            disabled: false,
+        }),
+        ..Default::default()
+    };
+    let mut on_musicgen = req(magnet(&[]), 1.0);
+    on_musicgen.model = model("musicgen");
+    let mut ar_on_magnet = req(magnet(&[]), 1.0);
+    ar_on_magnet.schedule = Some(pb::Schedule {
+        kind: pb::schedule::Kind::Autoregressive as i32,
+        ..Default::default()
+    });
+    let mut unknown_kind = req(magnet(&[]), 1.0);
+    unknown_kind.schedule = Some(pb::Schedule {
+        kind: 42,
+        ..Default::default()
+    });
+    let mut other_prefix = req(hybrid(0.2), 1.0);
+    if let Some(s) = other_prefix.schedule.as_mut() {
+        s.prefix_model = model("musicgen24k");
+    }
+    let cases = [
+        (req(magnet(&[0, 1, 1, 1]), 1.0), "schedule.decoding_steps"),
+        (req(magnet(&[10, 10, 10]), 1.0), "schedule.decoding_steps"),
+        (req(hybrid(1.0), 1.0), "schedule.prefix_s"),
+        (req(hybrid(2.5), 1.0), "schedule.prefix_s"),
+        (
+            req(rescore("musicgen24k", 0.3), 1.0),
+            "schedule.rescore.model",
+        ),
+        (req(rescore("nope", 0.3), 1.0), "schedule.rescore.model"),
+        (req(rescore("magnet", 0.3), 1.0), "schedule.rescore.model"),
+        (
+            req(rescore("musicgen", 1.5), 1.0),
+            "schedule.rescore.weight",
+        ),
+        (other_prefix, "schedule.prefix_model"),
+        (on_musicgen, "schedule.kind"),
+        (ar_on_magnet, "schedule.kind"),
+        (unknown_kind, "schedule.kind"),
+        (req(magnet(&[]), 40.0), "duration_s"),
+    ];
+    for (r, field) in cases {
+        let st = match c.generate(r.clone()).await {
+            Err(s) => s,
+            Ok(resp) => {
+                let mut s = resp.into_inner();
+                loop {
+                    match s.next().await {
+                        Some(Err(e)) => break e,
+                        Some(Ok(_)) => continue,
+                        None => panic!("{r:?} was accepted"),
+                    }
+                }
+            }
+        };
+        assert_eq!(st.code(), Code::InvalidArgument, "{field}: {st:?}");
+        assert!(st.message().contains(field), "{field}: {}", st.message());
+    }
+    srv.stop().await
+}

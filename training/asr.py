@@ -45,14 +45,14 @@ def write_mvn(path: Path, shift, scale):
 
 
 def confs(smoke: bool):
-    d = 64 if smoke else 192
-    enc = dict(output_size=d, attention_heads=4, linear_units=4 * d, num_blocks=2 if smoke else 8, dropout_rate=0.1,
+    d = 64 if smoke else 144
+    enc = dict(output_size=d, attention_heads=4, linear_units=4 * d, num_blocks=2 if smoke else 6, dropout_rate=0.1,
                positional_dropout_rate=0.1, attention_dropout_rate=0.1, input_layer="pe",
                pos_enc_class="SinusoidalPositionEncoder", normalize_before=True, kernel_size=11, sanm_shfit=0,
                selfattention_layer_type="sanm")
-    dec = dict(attention_heads=4, linear_units=4 * d, num_blocks=1 if smoke else 3, dropout_rate=0.1,
+    dec = dict(attention_heads=4, linear_units=4 * d, num_blocks=1 if smoke else 2, dropout_rate=0.1,
                positional_dropout_rate=0.1, self_attention_dropout_rate=0.1, src_attention_dropout_rate=0.1,
-               att_layer_num=1 if smoke else 3, kernel_size=11, sanm_shfit=0)
+               att_layer_num=1 if smoke else 2, kernel_size=11, sanm_shfit=0)
     pred = dict(idim=d, threshold=1.0, l_order=1, r_order=1, tail_threshold=0.45)
     return enc, dec, pred
 
@@ -75,7 +75,7 @@ def load_paraformer(model_dir: Path):
 
 
 def main() -> int:
-    p = base_args(__doc__, steps=6000, batch=16, ckpt_every=250)
+    p = base_args(__doc__, steps=2500, batch=16, ckpt_every=250)
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every = min(args.steps, 30), 4, 10

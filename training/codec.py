@@ -30,11 +30,11 @@ from common import Trainer, base_args, load_audio, read_manifest, seed_all  # no
 SR = 32000
 
 
-def codec_config(smoke: bool):
+def codec_config(filters: int):
     from transformers import EncodecConfig
 
     return EncodecConfig(
-        sampling_rate=SR, audio_channels=1, num_filters=8 if smoke else 16, hidden_size=64, codebook_dim=64,
+        sampling_rate=SR, audio_channels=1, num_filters=filters, hidden_size=64, codebook_dim=64,
         upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1, codebook_size=256,
         target_bandwidths=[1.6], use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
         norm_type="weight_norm", normalize=False, chunk_length_s=None, overlap=None)
@@ -145,16 +145,17 @@ def export(model, out: Path) -> None:
 
 
 def main() -> int:
-    p = base_args(__doc__, steps=4000, batch=8, ckpt_every=200)
+    p = base_args(__doc__, steps=2500, batch=8, ckpt_every=200)
     p.add_argument("--seconds", type=float, default=1.0, help="crop length")
+    p.add_argument("--filters", type=int, default=12, help="SEANet base channels (EnCodec: 32)")
     args = p.parse_args()
     if args.smoke:
-        args.steps, args.batch, args.ckpt_every = min(args.steps, 30), 4, 10
+        args.steps, args.batch, args.ckpt_every, args.filters = min(args.steps, 30), 4, 10, 8
     torch.set_num_threads(args.threads)
     seed_all(args.seed)
     from transformers import EncodecModel
 
-    model = EncodecModel(codec_config(args.smoke)).train()
+    model = EncodecModel(codec_config(args.filters)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
     tr = Trainer(args, model, opt)
     data = Crops(args.data, args.seconds, args.seed + tr.step)

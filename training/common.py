@@ -190,13 +190,15 @@ def codec_tokens(codec_dir: Path, rows: list[dict], cache: Path) -> dict:
     """Encode every clip with the trained codec once: {path: LongTensor[K, T]}, cached in `cache`."""
     from transformers import EncodecModel
 
+    st = (codec_dir / "model.safetensors").stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"  # a retrained codec invalidates the cache
     if cache.exists():
         got = torch.load(cache)
-        if all(r["path"] in got for r in rows):
+        if got.get("__codec__") == stamp and all(r["path"] in got for r in rows):
             return got
     model = EncodecModel.from_pretrained(codec_dir).eval()
     sr = model.config.sampling_rate
-    out = {}
+    out = {"__codec__": stamp}
     t0 = time.time()
     for i, r in enumerate(rows):
         x = torch.from_numpy(load_audio(r["path"], sr))[None, None]

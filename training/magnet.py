@@ -4,7 +4,7 @@
     nice -n 19 /work/venv/ref/bin/python training/magnet.py --data training/datasets \
         --codec training/runs/codec/model --out training/runs/magnet [--resume]
 
-Same codec tokens (OUT/codes.pt) and caption tokenizer as musicgen.py. The text conditioner is a
+Same codec tokens (CODEC/../music_codes.pt) and caption tokenizer as musicgen.py. The text conditioner is a
 small T5 encoder trained jointly (audiocraft's T5Conditioner keeps its T5 outside the state dict,
 so the LM checkpoint holds only `...description.output_proj`, as for the public checkpoints).
 Training follows audiocraft's MagnetSolver.run_step: one codebook stage per step, uniformly; codebooks
@@ -88,11 +88,26 @@ def build(ac, cfg, tok, t5, frame_rate):
     fuser = cond.ConditionFuser(fuse2cond={k: cfg["fuser"][k] for k in ["sum", "cross", "prepend", "input_interpolate"]},
                                 cross_attention_pos_emb=False, cross_attention_pos_emb_scale=1)
     provider = cond.ConditioningProvider({"description": TrainableT5Conditioner()}, device="cpu")
-    return lm_magnet.MagnetLMModel(
+    lm = lm_magnet.MagnetLMModel(
         pattern_provider=ac.patterns.ParallelPatternProvider(kw["n_q"]), condition_provider=provider, fuser=fuser,
         cfg_dropout=0.0, cfg_coef=3.0, attribute_dropout={}, dtype=torch.float32, device="cpu",
         compression_model_framerate=frame_rate, segment_duration=cfg["dataset"]["segment_duration"],
         span_len=SPAN_LEN, **kw)
+    # audiocraft pads the stage masks to a multiple of 8 for xformers; the plain attention path
+    # needs them cut to the sequence length (as tools/fixtures/magnet.py does).
+    full = list(lm.attn_mask_per_stage)
+    base_forward = type(lm).__mro__[1].forward
+
+    def forward(self, sequence, conditions, condition_tensors=None, stage=-1):
+        S = sequence.shape[-1]
+        self.attn_mask_per_stage = [None if m is None else m[..., :S, :S] for m in full]
+        try:
+            return base_forward(self, sequence, conditions, condition_tensors, stage)
+        finally:
+            self.attn_mask_per_stage = full
+
+    lm.forward = forward.__get__(lm)
+    return lm
 
 
 def span_mask(B, T, gen):
@@ -106,7 +121,7 @@ def span_mask(B, T, gen):
 
 
 def main() -> int:
-    p = base_args(__doc__, steps=3000, batch=16, ckpt_every=200)
+    p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
     p.add_argument("--codec", type=Path, required=True)
     p.add_argument("--seconds", type=int, default=5, help="segment length = generation length (s)")
     args = p.parse_args()
@@ -121,7 +136,7 @@ def main() -> int:
     rows = read_manifest(args.data / "music" / "manifest.jsonl")
     train = [r for r in rows if r["split"] == "train"]
     args.out.mkdir(parents=True, exist_ok=True)
-    codes = codec_tokens(args.codec, rows, args.out / "codes.pt")
+    codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")  # shared with the other LM recipe
     tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
     cc = EncodecConfig.from_pretrained(args.codec)
     K, card, fr = cc.num_quantizers, cc.codebook_size, cc.frame_rate

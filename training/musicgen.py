@@ -4,7 +4,7 @@
     nice -n 19 /work/venv/ref/bin/python training/musicgen.py --data training/datasets \
         --codec training/runs/codec/model --out training/runs/musicgen [--resume]
 
-The music clips are tokenised once with the trained codec (cached in OUT/codes.pt). A small T5
+The music clips are tokenised once with the trained codec (cached next to the codec dir, in CODEC/../music_codes.pt, shared with magnet.py). A small T5
 text encoder (trained from scratch jointly, Unigram tokenizer trained on the captions) conditions
 a decoder over the codec's 4 codebooks with the delay pattern, exactly the layout
 `MusicgenForConditionalGeneration.generate` decodes. Captions are dropped 15% of the time
@@ -58,7 +58,7 @@ def sample_batch(rows, codes, tok, b, frames, rng, drop):
 
 
 def main() -> int:
-    p = base_args(__doc__, steps=3000, batch=16, ckpt_every=200)
+    p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
     p.add_argument("--codec", type=Path, required=True, help="HF EnCodec dir from codec.py")
     p.add_argument("--seconds", type=float, default=5.0, help="training segment length")
     args = p.parse_args()
@@ -72,7 +72,7 @@ def main() -> int:
     rows = read_manifest(args.data / "music" / "manifest.jsonl")
     train = [r for r in rows if r["split"] == "train"]
     args.out.mkdir(parents=True, exist_ok=True)
-    codes = codec_tokens(args.codec, rows, args.out / "codes.pt")
+    codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")  # shared with the other LM recipe
     tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
     codec = EncodecModel.from_pretrained(args.codec)
     cc = codec.config

@@ -99,7 +99,7 @@ def number_sentences(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-CLEAN = re.compile(r"^[A-Za-z ,.'!?;:-]+$")
+CLEAN = re.compile(r"^[A-Za-z][A-Za-z ,.'!?;:-]+$")  # starts with a letter: no "-- Author" attributions
 
 
 def normalize(s: str) -> str:
@@ -159,7 +159,7 @@ def synth(job: dict) -> dict | None:
             job.update(stretch=round(stretch, 3), f0_scale=round(f0, 3))
         r = subprocess.run(cmd, capture_output=True)
         if r.returncode != 0 or not os.path.exists(wav):
-            return None
+            return dict(failed=job["path"], voice=job["voice"], reason=r.stderr.decode(errors="replace")[-200:])
         x, sr = sf.read(wav, dtype="float32", always_2d=True)
     x = x.mean(1)
     if sr != SR:
@@ -168,7 +168,7 @@ def synth(job: dict) -> dict | None:
     # trim long silences at the ends (keep 0.1 s)
     nz = np.nonzero(np.abs(x) > 1e-3)[0]
     if len(nz) == 0:
-        return None
+        return dict(failed=job["path"], voice=job["voice"], reason="silent output", text=job["speak"])
     x = x[max(0, nz[0] - 1600): nz[-1] + 1600]
     # light EQ: one-pole low-pass or pre-emphasis, random amount
     a = float(rng.uniform(-0.5, 0.5))
@@ -188,6 +188,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=20000, help="utterances in train (dev/test add ~10%%)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--flite-share", type=float, default=0.3,
+                    help="share of train/dev utterances spoken by flite voices (5 of the 88 voices)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     sents = text_sentences()
@@ -203,15 +205,23 @@ def main() -> int:
     for split, texts, vlist, n in plan:
         for i in range(n):
             src, t = texts[int(rng.integers(len(texts)))]
-            voice = vlist[int(rng.integers(len(vlist)))]
+            if vlist is vs:  # train / dev: flite gets --flite-share, espeak the rest
+                fl = [v for v in vs if v.startswith("flite:")]
+                es = [v for v in vs if not v.startswith("flite:")]
+                pool_v = fl if rng.random() < args.flite_share else es
+                voice = pool_v[int(rng.integers(len(pool_v)))]
+            else:
+                voice = vlist[int(rng.integers(len(vlist)))]
             name = f"wav/{split}_{i:06d}.wav"
             jobs.append(dict(path=name, abs=str(args.out / name), text=normalize(t), speak=t, source=src,
                              voice=voice, split=split, seed=int(rng.integers(2**31))))
     t0 = time.time()
-    rows = []
+    rows, failed = [], []
     with ProcessPoolExecutor(args.jobs) as ex:
         for r in ex.map(synth, jobs, chunksize=16):
-            if r is not None:
+            if "failed" in r:
+                failed.append(r)
+            else:
                 r.pop("abs"), r.pop("seed")
                 rows.append(r)
     el = time.time() - t0
@@ -223,7 +233,8 @@ def main() -> int:
     info = dict(utterances=len(rows), audio_hours=round(audio / 3600, 3), wall_s=round(el, 1),
                 realtime_factor=round(audio / el, 1), train_text=len(train_text), heldout_text=len(held_text),
                 voices_train=len(vs), voices_heldout=HELD_OUT,
-                per_split={s: sum(r["split"] == s for r in rows) for s in ("train", "dev", "test")})
+                per_split={s: sum(r["split"] == s for r in rows) for s in ("train", "dev", "test")},
+                failed=failed)
     (args.out / "info.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
     return 0

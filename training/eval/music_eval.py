@@ -65,7 +65,12 @@ def main() -> int:
         tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
         sr, fr = model.config.audio_encoder.sampling_rate, model.config.audio_encoder.frame_rate
     elif args.kind == "magnet":
-        import magnet as mg  # training/magnet.py
+        import importlib.util
+
+        # training/magnet.py by path: tools/fixtures/magnet.py (on sys.path via common) has the same name
+        spec = importlib.util.spec_from_file_location("training_magnet", Path(__file__).resolve().parents[1] / "magnet.py")
+        mg = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mg)
         from common import import_audiocraft
         from omegaconf import OmegaConf
         from tokenizers import Tokenizer

@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Train a small EnCodec (transformers `EncodecModel`, HF directory) on music + speech.
+
+    nice -n 19 /work/venv/ref/bin/python training/codec.py --data training/datasets --out training/runs/codec [--resume]
+
+32 kHz mono, strides [8,5,4,4] (hop 640 -> 50 frames/s), 4 residual codebooks of 256 entries
+(1.6 kbps): the layout of MusicGen's EnCodec, so the music LMs (musicgen.py, magnet.py) use it
+as their tokenizer. Loss: waveform L1 + multi-scale log-mel L1 + commitment; the RVQ codebooks
+are EMA-updated with dead-code restarts (as in EnCodec; no GAN). Speech (16 kHz) is resampled to
+32 kHz. Writes OUT/model/{config.json,model.safetensors} (RVQ training buffers dropped, as in
+tools/fixtures/make_untrained_default.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Trainer, base_args, load_audio, read_manifest, seed_all  # noqa: E402
+
+SR = 32000
+
+
+def codec_config(filters: int):
+    from transformers import EncodecConfig
+
+    return EncodecConfig(
+        sampling_rate=SR, audio_channels=1, num_filters=filters, hidden_size=64, codebook_dim=64,
+        upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1, codebook_size=256,
+        target_bandwidths=[1.6], use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
+        norm_type="weight_norm", normalize=False, chunk_length_s=None, overlap=None)
+
+
+class Crops:
+    """Random `seconds`-long crops of the train clips, speech and music alternately."""
+
+    def __init__(self, data: Path, seconds: float, seed: int):
+        self.groups = []
+        for sub in ("music", "speech"):
+            m = data / sub / "manifest.jsonl"
+            if m.exists():
+                self.groups.append([r for r in read_manifest(m) if r["split"] == "train"])
+        assert self.groups, f"no music/ or speech/ manifest under {data}"
+        self.n = int(seconds * SR)
+        self.rng = random.Random(seed)
+
+    def batch(self, b: int) -> torch.Tensor:
+        out = np.zeros((b, 1, self.n), np.float32)
+        for i in range(b):
+            r = self.rng.choice(self.groups[i % len(self.groups)])
+            info = sf.info(r["path"])
+            src_n = int(self.n * info.samplerate / SR) + 1
+            start = self.rng.randint(0, max(0, info.frames - src_n))
+            x, sr = sf.read(r["path"], start=start, frames=src_n, dtype="float32", always_2d=True)
+            x = x.mean(1)
+            if sr != SR:
+                from scipy.signal import resample_poly
+                x = resample_poly(x, SR, sr).astype(np.float32)
+            x = x[: self.n] * self.rng.uniform(0.5, 1.0) / (np.abs(x).max() + 1e-5)
+            out[i, 0, : len(x)] = x
+        return torch.from_numpy(out)
+
+
+class MelLoss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        import torchaudio
+
+        self.mels = torch.nn.ModuleList(
+            torchaudio.transforms.MelSpectrogram(SR, n_fft=n, hop_length=n // 4, n_mels=m, power=1.0)
+            for n, m in [(256, 32), (512, 64), (1024, 64), (2048, 80)])
+
+    def forward(self, y, x):
+        loss = 0.0
+        for mel in self.mels:
+            a, b = mel(y), mel(x)
+            loss = loss + F.l1_loss(torch.log(a + 1e-5), torch.log(b + 1e-5)) + F.l1_loss(a, b)
+        return loss / len(self.mels)
+
+
+def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99):
+    """RVQ with straight-through gradient and EMA codebooks. e: [B, D, T]."""
+    residual = e.detach()
+    q_sum = torch.zeros_like(e)
+    commit = 0.0
+    codes = []
+    flat_e = e.detach().permute(0, 2, 1).reshape(-1, e.shape[1])
+    for layer in model.quantizer.layers:
+        cb = layer.codebook
+        r = residual.permute(0, 2, 1).reshape(-1, e.shape[1])
+        if train and not bool(cb.inited.item()):
+            cb.embed.copy_(r[torch.randint(len(r), (cb.embed.shape[0],))])
+            cb.embed_avg.copy_(cb.embed)
+            cb.cluster_size.fill_(1.0)
+            cb.inited.fill_(1.0)
+        idx = torch.cdist(r, cb.embed).argmin(-1)
+        q = cb.embed[idx]
+        if train:
+            onehot = F.one_hot(idx, cb.embed.shape[0]).to(r.dtype)
+            cb.cluster_size.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)
+            cb.embed_avg.mul_(decay).add_(onehot.t() @ r, alpha=1 - decay)
+            n = cb.cluster_size.sum()
+            size = (cb.cluster_size + 1e-5) / (n + cb.embed.shape[0] * 1e-5) * n
+            cb.embed.copy_(cb.embed_avg / size[:, None])
+            dead = cb.cluster_size < 0.05  # restart unused codes on random current frames
+            if dead.any():
+                new = r[torch.randint(len(r), (int(dead.sum()),))]
+                cb.embed[dead] = new
+                cb.embed_avg[dead] = new
+                cb.cluster_size[dead] = 1.0
+        qt = q.view(e.shape[0], e.shape[2], e.shape[1]).permute(0, 2, 1)
+        commit = commit + F.mse_loss(residual, qt)
+        q_sum = q_sum + qt
+        residual = residual - qt
+        codes.append(idx.view(e.shape[0], e.shape[2]))
+    del flat_e
+    out = e + (q_sum - e).detach()
+    commit_e = F.mse_loss(e, q_sum.detach())
+    return out, commit_e, torch.stack(codes, 1)
+
+
+def export(model, out: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        src = Path(tmp) / "model.safetensors"
+        with safe_open(str(src), "pt") as f:
+            meta = {"format": (f.metadata() or {}).get("format", "pt")}
+        state = {k: v for k, v in load_file(str(src)).items()
+                 if not k.endswith((".codebook.embed_avg", ".codebook.cluster_size", ".codebook.inited"))}
+        save_file(state, str(out / "model.safetensors"), metadata=meta)
+        (out / "config.json").write_bytes((Path(tmp) / "config.json").read_bytes())
+
+
+def main() -> int:
+    p = base_args(__doc__, steps=2500, batch=8, ckpt_every=200)
+    p.add_argument("--seconds", type=float, default=1.0, help="crop length")
+    p.add_argument("--filters", type=int, default=12, help="SEANet base channels (EnCodec: 32)")
+    args = p.parse_args()
+    if args.smoke:
+        args.steps, args.batch, args.ckpt_every, args.filters = min(args.steps, 30), 4, 10, 8
+    torch.set_num_threads(args.threads)
+    seed_all(args.seed)
+    from transformers import EncodecModel
+
+    model = EncodecModel(codec_config(args.filters)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
+    tr = Trainer(args, model, opt)
+    data = Crops(args.data, args.seconds, args.seed + tr.step)
+    mel = MelLoss()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"codec: {n_params:,} parameters", flush=True)
+    while not tr.done():
+        tr.lr_step()
+        x = data.batch(args.batch)
+        e = model.encoder(x)
+        q, commit, _ = quantize(model, e, train=True)
+        y = model.decoder(q)[..., : x.shape[-1]]
+        l1 = F.l1_loss(y, x)
+        lm = mel(y[:, 0], x[:, 0])
+        loss = l1 + lm + 0.25 * commit
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tr.end_step(dict(loss=loss.item(), l1=l1.item(), mel=lm.item(), commit=commit.item()),
+                    samples=args.batch * args.seconds)
+    model.eval()
+    export(model, args.out / "model")
+    # reload with the reference class and reconstruct one clip
+    re = EncodecModel.from_pretrained(args.out / "model").eval()
+    x = data.batch(1)
+    with torch.no_grad():
+        codes = re.encode(x).audio_codes
+        y = re.decode(codes, [None]).audio_values[..., : x.shape[-1]]
+    sdr = 10 * torch.log10((x ** 2).sum() / ((x - y) ** 2).sum()).item()
+    summary = dict(tr.summary(), parameters=n_params, codes=list(codes.shape), reload_snr_db=round(sdr, 2),
+                   audio_s_per_s=round(tr.summary()["steps_per_s"] * args.batch * args.seconds, 3))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

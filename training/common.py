@@ -1,0 +1,215 @@
+"""Shared code of the training recipes: manifests, audio, caption tokenizer, codec tokens,
+checkpoint/resume, and the audiocraft import shim.
+
+Every recipe is `python training/<recipe>.py --data DIR --out DIR [--smoke] [--resume]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools" / "fixtures"))  # musicgen_audiocraft._import_audiocraft
+
+
+# ----------------------------------------------------------------------------- manifests / audio
+
+def read_manifest(path, split: str | None = None) -> list[dict]:
+    """JSONL rows (path relative to the manifest's folder is made absolute)."""
+    path = Path(path)
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        r["path"] = str((path.parent / r["path"]).resolve())
+        if split is None or r["split"] == split:
+            rows.append(r)
+    return rows
+
+
+def write_manifest(path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def load_audio(path, sr: int) -> np.ndarray:
+    """Mono float32 at `sr` (polyphase resampling)."""
+    from scipy.signal import resample_poly
+
+    x, r = sf.read(path, dtype="float32", always_2d=True)
+    x = x.mean(1)
+    if r != sr:
+        g = math.gcd(r, sr)
+        x = resample_poly(x, sr // g, r // g).astype(np.float32)
+    return x
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- recipe plumbing
+
+def base_args(desc: str, steps: int, batch: int, ckpt_every: int = 200) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=desc)
+    p.add_argument("--data", type=Path, required=True, help="dataset folder with manifest.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, final model in OUT/model)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--smoke", action="store_true", help="tiny model, few steps: proves the recipe end to end")
+    return p
+
+
+class Trainer:
+    """Checkpoint every N steps to OUT/ckpt.pt (model + optimizer + step + RNG), resume, log JSONL."""
+
+    def __init__(self, args, model: torch.nn.Module, opt: torch.optim.Optimizer, extra: dict | None = None):
+        self.args, self.model, self.opt = args, model, opt
+        args.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = args.out / "ckpt.pt"
+        self.log = open(args.out / "train_log.jsonl", "a")
+        self.step = 0
+        self.extra = extra or {}
+        if args.resume and self.ckpt.exists():
+            st = torch.load(self.ckpt, weights_only=False)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            self.step = st["step"]
+            self.extra.update(st.get("extra", {}))
+            torch.set_rng_state(st["rng"])
+            print(f"resumed at step {self.step}", flush=True)
+        self.t0 = time.time()
+        self.step0 = self.step
+        sched_total = max(1, args.steps)
+        self.sched = lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / sched_total))))
+
+    def lr_step(self):
+        for g in self.opt.param_groups:
+            g["lr"] = self.args.lr * self.sched(self.step)
+
+    def done(self) -> bool:
+        return self.step >= self.args.steps
+
+    def end_step(self, metrics: dict, samples: int) -> None:
+        self.step += 1
+        el = time.time() - self.t0
+        rate = (self.step - self.step0) / max(el, 1e-9)
+        rec = dict(step=self.step, elapsed_s=round(el, 1), steps_per_s=round(rate, 4),
+                   samples_per_s=round(rate * samples, 3), **{k: round(float(v), 5) for k, v in metrics.items()})
+        self.log.write(json.dumps(rec) + "\n")
+        self.log.flush()
+        if self.step % max(1, min(20, self.args.ckpt_every)) == 0 or self.step == 1 or self.done():
+            print(json.dumps(rec), flush=True)
+        if self.step % self.args.ckpt_every == 0 or self.done():
+            self.save()
+
+    def save(self):
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(dict(model=self.model.state_dict(), opt=self.opt.state_dict(), step=self.step,
+                        rng=torch.get_rng_state(), extra=self.extra), tmp)
+        os.replace(tmp, self.ckpt)
+
+    def summary(self) -> dict:
+        el = time.time() - self.t0
+        n = self.step - self.step0
+        return dict(steps=n, seconds=round(el, 1), steps_per_s=round(n / max(el, 1e-9), 4))
+
+
+# ----------------------------------------------------------------------------- captions / text encoder
+
+def build_caption_tokenizer(captions: list[str], vocab_size: int):
+    """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2; appends </s>) trained on the captions.
+
+    Same pipeline as tools/fixtures/musicgen.py (NFKC + Strip, Metaspace): no regex, so the Rust
+    `tokenizers` crate reads it without onig.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
+                                           normalizers.Strip(left=True, right=True)])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(sorted(set(captions)), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("</s>") == 1
+    return tok
+
+
+def encode_captions(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encs = tok.encode_batch(texts)
+    n = max(len(e.ids) for e in encs)
+    ids = torch.zeros(len(texts), n, dtype=torch.long)
+    mask = torch.zeros(len(texts), n, dtype=torch.long)
+    for i, e in enumerate(encs):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+    return ids, mask
+
+
+def t5_config(vocab_size: int, d_model: int, layers: int):
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+                    num_layers=layers, num_decoder_layers=layers, num_heads=4, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=128, dropout_rate=0.1, feed_forward_proj="relu",
+                    is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0)
+
+
+# ----------------------------------------------------------------------------- codec tokens
+
+@torch.no_grad()
+def codec_tokens(codec_dir: Path, rows: list[dict], cache: Path) -> dict:
+    """Encode every clip with the trained codec once: {path: LongTensor[K, T]}, cached in `cache`."""
+    from transformers import EncodecModel
+
+    st = (codec_dir / "model.safetensors").stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"  # a retrained codec invalidates the cache
+    if cache.exists():
+        got = torch.load(cache)
+        if got.get("__codec__") == stamp and all(r["path"] in got for r in rows):
+            return got
+    model = EncodecModel.from_pretrained(codec_dir).eval()
+    sr = model.config.sampling_rate
+    out = {"__codec__": stamp}
+    t0 = time.time()
+    for i, r in enumerate(rows):
+        x = torch.from_numpy(load_audio(r["path"], sr))[None, None]
+        out[r["path"]] = model.encode(x).audio_codes[0, 0].clone()  # [K, T]
+        if i % 200 == 0:
+            print(f"tokenised {i}/{len(rows)} ({time.time() - t0:.0f} s)", flush=True)
+    torch.save(out, cache)
+    return out
+
+
+def import_audiocraft():
+    from musicgen_audiocraft import _import_audiocraft  # tools/fixtures/musicgen_audiocraft.py
+
+    return _import_audiocraft()

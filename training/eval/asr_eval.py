@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""CER / WER of a Paraformer directory on a speech manifest split, and on pocketsphinx-testdata.
+
+    /work/venv/ref/bin/python training/eval/asr_eval.py --model DIR --manifest data/speech/manifest.jsonl \
+        [--split test] [--limit 200] [--cadenza /root/.cache/cadenza-target/release/cadenza] [--real]
+
+Decodes with the FunASR reference classes (or, with --cadenza, `cadenza asr --local --model DIR
+--json FILE` per clip). --real adds the LibriVox / cards clips of Debian's pocketsphinx-testdata
+(real human speech; reported as it is). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import load_audio, read_manifest  # noqa: E402
+from asr import load_paraformer  # noqa: E402
+
+PS = Path("/usr/share/pocketsphinx/test/data")
+
+
+def norm(s: str) -> str:
+    s = re.sub(r"[^a-z' ]", " ", s.lower())
+    return re.sub(r" +", " ", s).strip()
+
+
+def real_set() -> list[dict]:
+    out = []
+    for sub, trans in [("librivox", "transcription"), ("cards", "cards.transcription")]:
+        d = PS / sub
+        f = d / trans if (d / trans).exists() else next(iter(d.glob("*.transcription")), None)
+        if f is None:
+            continue
+        for line in f.read_text().splitlines():
+            m = re.match(r"(.*)\((\S+)\)\s*$", line.strip())
+            if not m:
+                continue
+            name = m.group(2).split("/")[-1]
+            wav = next(iter(d.glob(name + "*.wav")), None)
+            if wav is not None:
+                out.append(dict(path=str(wav), text=norm(re.sub(r"</?s>", "", m.group(1)))))
+    return out
+
+
+def score(refs, hyps) -> dict:
+    import jiwer
+
+    return dict(n=len(refs), wer=round(jiwer.wer(refs, hyps), 4), cer=round(jiwer.cer(refs, hyps), 4))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--cadenza", type=Path, default=None, help="decode with this cadenza binary instead")
+    ap.add_argument("--real", action="store_true", help="also pocketsphinx-testdata (real speech)")
+    ap.add_argument("--show", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = read_manifest(args.manifest, args.split)[: args.limit]
+    if args.cadenza is None:
+        model, fe, tok = load_paraformer(args.model)
+
+    def decode(path: str) -> str:
+        if args.cadenza is not None:
+            r = subprocess.run([str(args.cadenza), "asr", "--local", "--model", str(args.model), "--json", path],
+                               capture_output=True, text=True)
+            try:
+                return norm(json.loads(r.stdout.strip().splitlines()[-1]).get("text", ""))
+            except Exception:
+                return ""
+        w = torch.from_numpy(load_audio(path, 16000))
+        with torch.no_grad():
+            res, _ = model.inference([w], key=["u"], tokenizer=tok, frontend=fe, device="cpu")
+        return norm(res[0]["text"])
+
+    report = {}
+    hyps = [decode(r["path"]) for r in rows]
+    refs = [r["text"] for r in rows]
+    report[args.split] = score(refs, hyps)
+    by_voice = {}
+    for r, h in zip(rows, hyps):
+        by_voice.setdefault(r.get("voice", "?"), ([], []))
+        by_voice[r.get("voice", "?")][0].append(r["text"])
+        by_voice[r.get("voice", "?")][1].append(h)
+    report["by_voice"] = {v: score(a, b) for v, (a, b) in sorted(by_voice.items())}
+    report["examples"] = [dict(ref=a, hyp=b) for a, b in list(zip(refs, hyps))[: args.show]]
+    if args.real:
+        rs = real_set()
+        if rs:
+            rh = [decode(r["path"]) for r in rs]
+            report["pocketsphinx_testdata"] = score([r["text"] for r in rs], rh)
+        else:
+            report["pocketsphinx_testdata"] = "not installed (apt-get install pocketsphinx-testdata)"
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

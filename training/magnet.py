@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Train a small MAGNeT (audiocraft `MagnetLMModel`; audiocraft `state_dict.bin` + a T5 directory).
+
+    nice -n 19 /work/venv/ref/bin/python training/magnet.py --data training/datasets \
+        --codec training/runs/codec/model --out training/runs/magnet [--resume]
+
+Same codec tokens (CODEC/../music_codes.pt) and caption tokenizer as musicgen.py. The text conditioner is a
+small T5 encoder trained jointly (audiocraft's T5Conditioner keeps its T5 outside the state dict,
+so the LM checkpoint holds only `...description.output_proj`, as for the public checkpoints).
+Training follows audiocraft's MagnetSolver.run_step: one codebook stage per step, uniformly; codebooks
+below it given, above it masked; the stage masked in spans of `span_len` at rate cos(pi/2 * u);
+cross-entropy on the masked positions of that stage; 20% caption dropout for CFG. (The span count
+is ceil(rate*T/span_len) random starts, a simpler rule than audiocraft's exact-rate table.)
+Writes OUT/model/state_dict.bin (best_state + xp.cfg) and OUT/model/t5/ (config.json,
+model.safetensors, tokenizer.json); serve with format = "audiocraft", t5 = .../t5, codec = the codec dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (Trainer, base_args, build_caption_tokenizer, codec_tokens, encode_captions,  # noqa: E402
+                    import_audiocraft, read_manifest, seed_all, t5_config)
+
+SPAN_LEN = 3
+
+
+def xp_cfg(dim, heads, layers, n_q, card, seconds, t5_dim) -> dict:
+    # audiocraft's MAGNeT config fields (solver/magnet/magnet_32khz.yaml, model/lm/default.yaml)
+    return {
+        "device": "cpu", "dtype": "float32", "sample_rate": 32000, "channels": 1,
+        "compression_model_checkpoint": "cadenza:training/codec.py",
+        "lm_model": "transformer_lm_magnet",
+        "codebooks_pattern": {"modeling": "parallel", "parallel": {"empty_initial": 0}},
+        "transformer_lm": {
+            "dim": dim, "num_heads": heads, "num_layers": layers, "hidden_scale": 4, "n_q": n_q, "card": card,
+            "dropout": 0.0, "emb_lr": None, "activation": "gelu", "norm_first": True, "bias_ff": False,
+            "bias_attn": False, "bias_proj": False, "past_context": None, "causal": False, "custom": False,
+            "memory_efficient": True, "attention_as_float32": False, "layer_scale": None,
+            "positional_embedding": "sin", "xpos": False, "checkpointing": "none", "weight_init": "gaussian",
+            "depthwise_init": "current", "zero_bias_init": True, "norm": "layer_norm", "cross_attention": False,
+            "qk_layer_norm": False, "qk_layer_norm_cross": False, "attention_dropout": None, "kv_repeat": 1,
+            "two_step_cfg": False, "subcodes_context": 5},
+        "masking": {"span_len": SPAN_LEN},
+        "classifier_free_guidance": {"training_dropout": 0.2, "inference_coef": 3.0},
+        "attribute_dropout": {},
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
+                  "cross": ["description"], "input_interpolate": []},
+        "conditioners": {"description": {"model": "t5", "t5": {"name": "t5/", "finetune": False,
+                                                                "word_dropout": 0.0, "normalize_text": False},
+                                         "t5_dim": t5_dim}},
+        "dataset": {"segment_duration": seconds, "sample_rate": 32000, "channels": 1},
+        "generate": {"lm": {"use_sampling": True, "temp": 3.0, "top_k": 0, "top_p": 0.9, "max_cfg_coef": 10.0,
+                            "min_cfg_coef": 1.0, "decoding_steps": [20, 10, 10, 10], "anneal_temp": True,
+                            "span_scoring": "max", "span_arrangement": "nonoverlap"}},
+    }
+
+
+def build(ac, cfg, tok, t5, frame_rate):
+    from audiocraft.models import lm_magnet
+
+    cond = ac.conditioners
+
+    class TrainableT5Conditioner(cond.TextConditioner):
+        def __init__(self):
+            super().__init__(t5.config.d_model, cfg["transformer_lm"]["dim"])
+            self.t5 = t5  # registered here for training; export strips it (audiocraft keeps T5 outside)
+
+        def tokenize(self, x):
+            ids, mask = encode_captions(tok, [xi or "" for xi in x])
+            mask = mask * torch.tensor([[1] if xi else [0] for xi in x])
+            return {"input_ids": ids, "attention_mask": mask}
+
+        def forward(self, inputs):
+            mask = inputs["attention_mask"]
+            h = self.t5(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+            return self.output_proj(h) * mask.unsqueeze(-1), mask
+
+    kw = dict(cfg["transformer_lm"], memory_efficient=False, custom=True, cross_attention=True)
+    fuser = cond.ConditionFuser(fuse2cond={k: cfg["fuser"][k] for k in ["sum", "cross", "prepend", "input_interpolate"]},
+                                cross_attention_pos_emb=False, cross_attention_pos_emb_scale=1)
+    provider = cond.ConditioningProvider({"description": TrainableT5Conditioner()}, device="cpu")
+    lm = lm_magnet.MagnetLMModel(
+        pattern_provider=ac.patterns.ParallelPatternProvider(kw["n_q"]), condition_provider=provider, fuser=fuser,
+        cfg_dropout=0.0, cfg_coef=3.0, attribute_dropout={}, dtype=torch.float32, device="cpu",
+        compression_model_framerate=frame_rate, segment_duration=cfg["dataset"]["segment_duration"],
+        span_len=SPAN_LEN, **kw)
+    # audiocraft pads the stage masks to a multiple of 8 for xformers; the plain attention path
+    # needs them cut to the sequence length (as tools/fixtures/magnet.py does).
+    full = list(lm.attn_mask_per_stage)
+    base_forward = type(lm).__mro__[1].forward
+
+    def forward(self, sequence, conditions, condition_tensors=None, stage=-1):
+        S = sequence.shape[-1]
+        self.attn_mask_per_stage = [None if m is None else m[..., :S, :S] for m in full]
+        try:
+            return base_forward(self, sequence, conditions, condition_tensors, stage)
+        finally:
+            self.attn_mask_per_stage = full
+
+    lm.forward = forward.__get__(lm)
+    return lm
+
+
+def span_mask(B, T, gen):
+    rate = torch.cos(torch.rand(B, generator=gen) * math.pi / 2)
+    m = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        n = max(1, math.ceil(float(rate[b]) * T / SPAN_LEN))
+        for s in torch.randint(0, max(1, T - SPAN_LEN + 1), (n,), generator=gen).tolist():
+            m[b, s: s + SPAN_LEN] = True
+    return m
+
+
+def main() -> int:
+    p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
+    p.add_argument("--codec", type=Path, required=True)
+    p.add_argument("--seconds", type=int, default=5, help="segment length = generation length (s)")
+    args = p.parse_args()
+    if args.smoke:
+        args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2
+    torch.set_num_threads(args.threads)
+    seed_all(args.seed)
+    from omegaconf import OmegaConf
+    from transformers import EncodecConfig, T5EncoderModel
+
+    ac = import_audiocraft()
+    rows = read_manifest(args.data / "music" / "manifest.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")  # shared with the other LM recipe
+    tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
+    cc = EncodecConfig.from_pretrained(args.codec)
+    K, card, fr = cc.num_quantizers, cc.codebook_size, cc.frame_rate
+    dim, layers = (64, 2) if args.smoke else (256, 4)
+    t5 = T5EncoderModel(t5_config(tok.get_vocab_size(), 64 if args.smoke else 128, 2))
+    cfg = xp_cfg(dim, 4, layers, K, card, args.seconds, t5.config.d_model)
+    lm = build(ac, cfg, tok, t5, fr)
+    opt = torch.optim.AdamW(lm.parameters(), lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
+    args.lr = opt.param_groups[0]["lr"]
+    tr = Trainer(args, lm, opt)
+    rng = random.Random(args.seed + tr.step)
+    gen = torch.Generator().manual_seed(args.seed + tr.step)
+    T = args.seconds * fr
+    Attr = ac.conditioners.ConditioningAttributes
+    n_params = sum(p.numel() for p in lm.parameters())
+    print(f"magnet: {n_params:,} parameters (LM + T5), {len(train)} train clips", flush=True)
+    lm.train()
+    while not tr.done():
+        tr.lr_step()
+        picks = [rng.choice(train) for _ in range(args.batch)]
+        segs = []
+        for r in picks:
+            c = codes[r["path"]]
+            s = rng.randint(0, max(0, c.shape[1] - T))
+            seg = c[:, s: s + T]
+            segs.append(torch.cat([seg, seg[:, -1:].expand(-1, T - seg.shape[1])], 1) if seg.shape[1] < T else seg)
+        tokens = torch.stack(segs)  # [B, K, T]
+        stage = rng.randint(0, K - 1)
+        mask = torch.zeros(args.batch, K, T, dtype=torch.bool)
+        sm = span_mask(args.batch, T, gen)
+        mask[:, stage] = sm
+        mask[:, stage + 1:] = True
+        inp = torch.where(mask, lm.special_token_id, tokens)
+        conds = [Attr(text={"description": None if rng.random() < 0.2 else r["text"]}) for r in picks]
+        ct = lm.condition_provider(lm.condition_provider.tokenize(conds))
+        logits = lm.compute_predictions(inp, [], ct, stage=stage).logits  # [B, K, T, card]
+        loss = F.cross_entropy(logits[:, stage][sm], tokens[:, stage][sm])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        tr.end_step(dict(loss=loss.item(), stage=stage), samples=args.batch)
+    lm.eval()
+    dst = args.out / "model"
+    (dst / "t5").mkdir(parents=True, exist_ok=True)
+    state = {k: v.clone().contiguous() for k, v in lm.state_dict().items() if ".description.t5." not in k}
+    torch.save({"best_state": state, "xp.cfg": OmegaConf.to_yaml(OmegaConf.create(cfg)), "version": ac.version,
+                "exported": True}, dst / "state_dict.bin")
+    t5.save_pretrained(dst / "t5", safe_serialization=True)
+    tok.save(str(dst / "t5" / "tokenizer.json"))
+    # reload: a fresh LM from xp.cfg + state_dict.bin + t5/, then a short MAGNeT decode
+    pkg = torch.load(dst / "state_dict.bin", weights_only=False)
+    cfg2 = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]))
+    lm2 = build(ac, cfg2, tok, T5EncoderModel.from_pretrained(dst / "t5"), fr)
+    missing, unexpected = lm2.load_state_dict(pkg["best_state"], strict=False)
+    assert not unexpected and all(".description.t5." in k for k in missing), (missing, unexpected)
+    lm2.eval()
+    test = [r for r in rows if r["split"] == "test"] or rows
+    with torch.no_grad():
+        out = lm2.generate(conditions=[Attr(text={"description": test[0]["text"]})], max_gen_len=T,
+                           use_sampling=True, temp=3.0, top_p=0.9, decoding_steps=[4, 2, 2, 2][:K] + [2] * max(0, K - 4))
+    summary = dict(tr.summary(), parameters_lm_plus_t5=n_params, prompt=test[0]["text"], generated=list(out.shape),
+                   distinct_codes=int(out[0, 0].unique().numel()))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

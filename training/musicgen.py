@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Train a small MusicGen (transformers `MusicgenForConditionalGeneration`, HF directory).
+
+    nice -n 19 /work/venv/ref/bin/python training/musicgen.py --data training/datasets \
+        --codec training/runs/codec/model --out training/runs/musicgen [--resume]
+
+The music clips are tokenised once with the trained codec (cached next to the codec dir, in CODEC/../music_codes.pt, shared with magnet.py). A small T5
+text encoder (trained from scratch jointly, Unigram tokenizer trained on the captions) conditions
+a decoder over the codec's 4 codebooks with the delay pattern, exactly the layout
+`MusicgenForConditionalGeneration.generate` decodes. Captions are dropped 15% of the time
+(zeroed encoder states and mask, what transformers' CFG uses as the unconditional half).
+Writes OUT/model/ (config.json, model.safetensors with the codec inside, generation_config.json,
+tokenizer.json) -- the directory `cadenza` loads as a `kind = "music"` HF model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (Trainer, base_args, build_caption_tokenizer, codec_tokens, encode_captions,  # noqa: E402
+                    read_manifest, seed_all, t5_config)
+
+
+def delay_batch(codes: list[torch.Tensor], card: int):
+    """codes: list of [K, T] -> decoder input ids [B*K, T+K-1+1], labels [B, K, T+K] (-100 = ignore)."""
+    K, T = codes[0].shape
+    B = len(codes)
+    P = torch.full((B, K, T + K), card, dtype=torch.long)
+    for b, c in enumerate(codes):
+        for k in range(K):
+            P[b, k, 1 + k: 1 + k + T] = c[k]
+    inp = P[:, :, :-1]
+    lab = P[:, :, 1:].clone()
+    lab[lab == card] = -100
+    return inp.reshape(B * K, -1), lab
+
+
+def sample_batch(rows, codes, tok, b, frames, rng, drop):
+    picks = [rng.choice(rows) for _ in range(b)]
+    segs = []
+    for r in picks:
+        c = codes[r["path"]]
+        s = rng.randint(0, max(0, c.shape[1] - frames))
+        seg = c[:, s: s + frames]
+        if seg.shape[1] < frames:
+            seg = torch.cat([seg, seg[:, -1:].expand(-1, frames - seg.shape[1])], 1)
+        segs.append(seg)
+    ids, mask = encode_captions(tok, [r["text"] for r in picks])
+    keep = torch.tensor([rng.random() >= drop for _ in picks])
+    return segs, ids, mask, keep
+
+
+def main() -> int:
+    p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
+    p.add_argument("--codec", type=Path, required=True, help="HF EnCodec dir from codec.py")
+    p.add_argument("--seconds", type=float, default=5.0, help="training segment length")
+    args = p.parse_args()
+    if args.smoke:
+        args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2.0
+    torch.set_num_threads(args.threads)
+    seed_all(args.seed)
+    from transformers import (EncodecModel, GenerationConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration)
+
+    rows = read_manifest(args.data / "music" / "manifest.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")  # shared with the other LM recipe
+    tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
+    codec = EncodecModel.from_pretrained(args.codec)
+    cc = codec.config
+    K, card = cc.num_quantizers, cc.codebook_size
+    frame_rate = cc.frame_rate
+    hidden, layers = (64, 2) if args.smoke else (256, 4)
+    dec = MusicgenDecoderConfig(
+        vocab_size=card, num_codebooks=K, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        ffn_dim=4 * hidden, max_position_embeddings=2048, activation_function="gelu", dropout=0.1,
+        attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, scale_embedding=False, audio_channels=1,
+        pad_token_id=card, bos_token_id=card, tie_word_embeddings=False)
+    text = t5_config(tok.get_vocab_size(), 64 if args.smoke else 128, 2)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=cc, decoder=dec))
+    model.audio_encoder.load_state_dict(codec.state_dict())
+    model.audio_encoder.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if not n.startswith("audio_encoder.")]
+    opt = torch.optim.AdamW(params, lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
+    args.lr = opt.param_groups[0]["lr"]
+    tr = Trainer(args, model, opt)
+    rng = random.Random(args.seed + tr.step)
+    frames = int(args.seconds * frame_rate)
+    n_lm = sum(p.numel() for p in params)
+    print(f"musicgen: {n_lm:,} trainable parameters (decoder + T5 + projection), {len(train)} train clips", flush=True)
+    model.train()
+    model.audio_encoder.eval()
+    while not tr.done():
+        tr.lr_step()
+        segs, ids, mask, keep = sample_batch(train, codes, tok, args.batch, frames, rng, drop=0.15)
+        enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        enc = enc * keep[:, None, None]
+        mask = mask * keep[:, None]
+        inp, lab = delay_batch(segs, card)
+        out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp)
+        logits = out.logits.reshape(args.batch, K, inp.shape[-1], card)
+        loss = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        tr.end_step(dict(loss=loss.item()), samples=args.batch)
+    model.eval()
+    model.generation_config = GenerationConfig(bos_token_id=card, decoder_start_token_id=card, pad_token_id=card,
+                                               do_sample=True, guidance_scale=3.0, top_k=50,
+                                               max_length=int(10 * frame_rate) + K)
+    dst = args.out / "model"
+    model.save_pretrained(dst, safe_serialization=True)
+    tok.save(str(dst / "tokenizer.json"))
+    # reload with the reference class and generate 2 s for one held-out caption
+    re = MusicgenForConditionalGeneration.from_pretrained(dst).eval()
+    test = [r for r in rows if r["split"] == "test"] or rows
+    ids, mask = encode_captions(tok, [test[0]["text"]])
+    with torch.no_grad():
+        audio = re.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2 * frame_rate + K - 1)
+    import soundfile as sf
+    sf.write(args.out / "sample.wav", audio[0, 0].numpy(), cc.sampling_rate)
+    summary = dict(tr.summary(), trainable_parameters=n_lm, prompt=test[0]["text"], sample_samples=int(audio.shape[-1]),
+                   sample_rms=round(float(audio.pow(2).mean().sqrt()), 4), frames_per_step=args.batch * frames)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -546,7 +546,7 @@ impl DecoderLayer {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let kv = CrossKv::batch(&kvs)?;
+                let kv = CrossKv::concat(&kvs)?;
                 let mut w = (q.matmul(&kv.k.t()?)? * scale)?;
                 if let Some(m) = &kv.mask {
                     w = w.broadcast_add(m)?;
@@ -572,60 +572,6 @@ impl CrossKv {
     /// True when there is no conditioning.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Several sessions' conditioning stacked along the batch: K/V padded with zeros to the
-    /// longest, padding masked out (a session's own mask, if any, is kept).
-    pub fn batch(parts: &[&CrossKv]) -> Result<CrossKv> {
-        if let [one] = parts {
-            return Ok((*one).clone());
-        }
-        let l = parts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let same = parts.iter().all(|p| p.len() == l);
-        let any_mask = parts.iter().any(|p| p.mask.is_some());
-        let (mut ks, mut vs, mut ms) = (Vec::new(), Vec::new(), Vec::new());
-        for p in parts {
-            let (r, h, lp, dh) = p.k.dims4()?;
-            let dev = p.k.device();
-            let pad = |t: &Tensor| -> Result<Tensor> {
-                if lp == l {
-                    Ok(t.clone())
-                } else {
-                    Tensor::cat(
-                        &[t, &Tensor::zeros((r, h, l - lp, dh), DType::F32, dev)?],
-                        2,
-                    )
-                }
-            };
-            ks.push(pad(&p.k)?);
-            vs.push(pad(&p.v)?);
-            if !same || any_mask {
-                let own = match &p.mask {
-                    Some(m) => m.clone(),
-                    None => Tensor::zeros((r, 1, 1, lp), DType::F32, dev)?,
-                };
-                ms.push(if lp == l {
-                    own
-                } else {
-                    Tensor::cat(
-                        &[
-                            &own,
-                            &(Tensor::ones((r, 1, 1, l - lp), DType::F32, dev)? * -1e9)?,
-                        ],
-                        3,
-                    )?
-                });
-            }
-        }
-        Ok(CrossKv {
-            k: Tensor::cat(&ks, 0)?,
-            v: Tensor::cat(&vs, 0)?,
-            mask: if ms.is_empty() {
-                None
-            } else {
-                Some(Tensor::cat(&ms, 0)?)
-            },
-        })
     }
 }
 

@@ -2,6 +2,9 @@
 
     paraformer_torch.py build DIR SECONDS   writes DIR/{model.pt,config.yaml,am.mvn,tokens.json,input.wav}
     paraformer_torch.py time DIR THREADS REPEATS   prints one JSON line {"impl": "funasr", ...}
+    paraformer_torch.py streaming DIR   writes DIR/streaming/: the same weights as a FunASR
+        ParaformerStreaming directory (SANMEncoderChunkOpt, input_layer pe_online; the state dict
+        keys are those of Paraformer), for Cadenza's chunked streaming measurements
 
 The configuration is FunASR's paraformer-large (iic/speech_paraformer-large_asr_nat-zh-cn-16k-
 common-vocab8404): SAN-M encoder 50 blocks of 512 (4 heads, FFN 2048, kernel 11), SAN-M decoder
@@ -132,8 +135,37 @@ def timed(out, threads, repeats):
                       "tokens": len(text.split())}))
 
 
+def streaming(out):
+    import shutil
+
+    dst = os.path.join(out, "streaming")
+    os.makedirs(dst, exist_ok=True)
+    for f in ("am.mvn", "tokens.json"):
+        shutil.copy(os.path.join(out, f), os.path.join(dst, f))
+    link = os.path.join(dst, "model.pt")
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(os.path.join(out, "model.pt")), link)
+    with open(os.path.join(out, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["model"] = "ParaformerStreaming"
+    config["encoder"] = "SANMEncoderChunkOpt"
+    # paraformer-zh-streaming's encoder options (chunking used in training; inference takes
+    # chunk_size [0, 10, 5] from the caller).
+    config["encoder_conf"] = dict(
+        {k: v for k, v in ENC.items() if k != "pos_enc_class"}, input_layer="pe_online",
+        chunk_size=[12, 15], stride=[8, 10], pad_left=[0, 0],
+        encoder_att_look_back_factor=[4, 4], decoder_att_look_back_factor=[1, 1],
+    )
+    config["frontend"] = "WavFrontendOnline"
+    with open(os.path.join(dst, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+    print(json.dumps({"built": dst}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(sys.argv[2], float(sys.argv[3]))
+    elif sys.argv[1] == "streaming":
+        streaming(sys.argv[2])
     else:
         timed(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -338,3 +338,118 @@ async fn bad_recognition_requests() -> Result<()> {
     );
     srv.stop().await
 }
+
+/// The chunked streaming fixture (`paraformer/tiny-streaming`, FunASR `ParaformerStreaming`)
+/// served next to the offline one, configured as its `second_pass`.
+fn streaming_server_config() -> String {
+    let mut cfg = crate::test_config("");
+    cfg.push_str(&format!(
+        r#"
+[[models]]
+name = "paraformer-streaming"
+kind = "asr"
+source = "{}"
+second_pass = "paraformer"
+"#,
+        crate::fixtures()
+            .join("../paraformer/tiny-streaming")
+            .display()
+    ));
+    cfg
+}
+
+fn streaming_fixture_wave() -> Result<Vec<f32>> {
+    let bytes =
+        std::fs::read(crate::fixtures().join("../paraformer/tiny-streaming/expected.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    Ok(st
+        .tensor("wave")?
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Through the server, a streaming model gives one interim hypothesis per 600 ms chunk (each the
+/// chunked model's tokens so far, as `StreamingRecognizer` yields them) and a final equal to the
+/// model's own chunked recognition; with two-pass the final is the offline `second_pass` model's.
+#[tokio::test]
+async fn chunked_streaming_model_through_the_server() -> Result<()> {
+    let (_, samples) = wav_of(&streaming_fixture_wave()?)?;
+    let m = cadenza_paraformer::Paraformer::load(
+        crate::fixtures().join("../paraformer/tiny-streaming"),
+        &candle_core::Device::Cpu,
+    )?;
+    assert!(m.is_streaming());
+    let want = m.recognize(&samples)?;
+    assert!(!want.token_ids.is_empty());
+    let mut rec = m.streaming();
+    let mut want_partials = Vec::new();
+    for c in samples.chunks(1600) {
+        want_partials.extend(rec.push(c)?.into_iter().map(|p| p.transcript.text));
+    }
+    assert_eq!(rec.finish()?.transcript, want);
+    assert!(want_partials.len() >= 3, "{want_partials:?}");
+
+    let srv = TestServer::start(&streaming_server_config()).await?;
+    let pcm = cadenza_audio::to_s16le(&samples);
+    let cfg = |two_pass: bool, interim: bool| {
+        let mut c = stream_config(interim);
+        if let Some(pb::recognize_client_msg::Msg::Config(c)) = &mut c.msg {
+            let rc = c.config.as_mut().unwrap();
+            rc.model = model("paraformer-streaming");
+            rc.two_pass = two_pass;
+        }
+        c
+    };
+    use pb::recognize_event::Event;
+    let hyps = |events: &[pb::RecognizeEvent]| -> Vec<pb::Hypothesis> {
+        events
+            .iter()
+            .filter_map(|e| match &e.event {
+                Some(Event::Hypothesis(h)) => Some(h.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut msgs = vec![cfg(false, true)];
+    msgs.extend(pcm.chunks(3200).map(|c| audio_msg(c.to_vec())));
+    let h = hyps(&stream(&srv, msgs).await??);
+    let interim: Vec<_> = h.iter().filter(|h| !h.is_final).collect();
+    let got: Vec<String> = interim.iter().map(|h| h.text.clone()).collect();
+    assert_eq!(got, want_partials);
+    for (i, h) in interim.iter().enumerate() {
+        assert_eq!(h.revision, i as u32);
+        assert_eq!(h.pass, pb::hypothesis::Pass::Online as i32);
+    }
+    let finals: Vec<_> = h.iter().filter(|h| h.is_final).collect();
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].text, want.text);
+    assert_eq!(finals[0].pass, pb::hypothesis::Pass::Online as i32);
+
+    // Two-pass: partials from the chunked model, the final from the offline `second_pass`.
+    let offline_want = offline(&samples)?;
+    let mut msgs = vec![cfg(true, true)];
+    msgs.extend(pcm.chunks(3200).map(|c| audio_msg(c.to_vec())));
+    let h = hyps(&stream(&srv, msgs).await??);
+    assert_eq!(
+        h.iter().filter(|h| !h.is_final).count(),
+        want_partials.len()
+    );
+    let finals: Vec<_> = h.iter().filter(|h| h.is_final).collect();
+    assert_eq!(finals.len(), 1);
+    assert_eq!(finals[0].text, offline_want.text);
+    assert_eq!(
+        finals[0].pass,
+        pb::hypothesis::Pass::OfflineCorrection as i32
+    );
+
+    // Unary recognition of a file by the streaming model: the same final.
+    let (wav, _) = wav_of(&samples)?;
+    let mut req = file_request(wav, false);
+    req.config.as_mut().unwrap().model = model("paraformer-streaming");
+    let resp = client(&srv).await?.recognize(req).await?.into_inner();
+    assert_eq!(resp.segments.len(), 1, "{resp:?}");
+    assert_eq!(resp.text, want.text);
+    srv.stop().await
+}

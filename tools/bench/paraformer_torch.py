@@ -2,6 +2,11 @@
 
     paraformer_torch.py build DIR SECONDS   writes DIR/{model.pt,config.yaml,am.mvn,tokens.json,input.wav}
     paraformer_torch.py time DIR THREADS REPEATS   prints one JSON line {"impl": "funasr", ...}
+    paraformer_torch.py time-streaming DIR THREADS REPEATS   FunASR's chunked inference of
+        DIR/streaming, one JSON line {"impl": "funasr-streaming", ...}
+    paraformer_torch.py streaming DIR   writes DIR/streaming/: the same weights as a FunASR
+        ParaformerStreaming directory (SANMEncoderChunkOpt, input_layer pe_online; the state dict
+        keys are those of Paraformer), for Cadenza's chunked streaming measurements
 
 The configuration is FunASR's paraformer-large (iic/speech_paraformer-large_asr_nat-zh-cn-16k-
 common-vocab8404): SAN-M encoder 50 blocks of 512 (4 heads, FFN 2048, kernel 11), SAN-M decoder
@@ -132,8 +137,95 @@ def timed(out, threads, repeats):
                       "tokens": len(text.split())}))
 
 
+def timed_streaming(out, threads, repeats):
+    """FunASR's own chunked inference of the streaming directory: `ParaformerStreaming.inference`
+    fed 600 ms pieces with its cache (chunk_size [0, 10, 5], look-back 4/1, WavFrontendOnline),
+    the last one with is_final=True, as FunASR's streaming demo does."""
+    from funasr.frontends.wav_frontend import WavFrontendOnline
+    from funasr.models.paraformer_streaming.model import ParaformerStreaming
+    from funasr.tokenizer.char_tokenizer import CharTokenizer
+    import wave as wavmod
+
+    torch.set_num_threads(threads)
+    d = os.path.join(out, "streaming")
+    with open(os.path.join(d, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    with wavmod.open(os.path.join(out, "input.wav"), "rb") as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+    tokens = json.load(open(os.path.join(d, "tokens.json")))
+    enc = config["encoder_conf"]
+    model = ParaformerStreaming(encoder="SANMEncoderChunkOpt", encoder_conf=enc,
+                                decoder="ParaformerSANMDecoder", decoder_conf=DEC,
+                                predictor="CifPredictorV2", predictor_conf=PRED, input_size=560,
+                                vocab_size=VOCAB, ctc_weight=0.0, predictor_bias=1,
+                                sampling_ratio=0.75)
+    model.load_state_dict(torch.load(os.path.join(out, "model.pt"), map_location="cpu"))
+    model.eval()
+    tok = CharTokenizer(token_list=tokens, unk_symbol="<unk>", split_with_space=True)
+    audio_s = wave.shape[0] / 16000
+    step = 9600
+    kw = dict(chunk_size=[0, 10, 5], encoder_chunk_look_back=4, decoder_chunk_look_back=1,
+              encoder_conf=enc, frontend_conf=FRONT, device="cpu")
+
+    def once():
+        frontend = WavFrontendOnline(cmvn_file=os.path.join(d, "am.mvn"), **FRONT)
+        cache = {}
+        lat = []
+        pieces = [wave[i : i + step] for i in range(0, wave.shape[0], step)]
+        for i, p in enumerate(pieces):
+            t = time.perf_counter()
+            model.inference([p], key=["w"], tokenizer=tok, frontend=frontend, cache=cache,
+                            is_final=i == len(pieces) - 1, **kw)
+            lat.append(time.perf_counter() - t)
+        return sum(lat), sorted(lat)
+
+    best, lat = float("inf"), []
+    with torch.no_grad():
+        once()
+        for _ in range(repeats):
+            total, l = once()
+            if total < best:
+                best, lat = total, l
+    print(json.dumps({"impl": "funasr-streaming", "stream_s": best, "audio_s": audio_s,
+                      "stream_rtf": best / audio_s, "threads": threads,
+                      "chunk_p50_s": lat[len(lat) // 2],
+                      "chunk_p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]}))
+
+
+def streaming(out):
+    import shutil
+
+    dst = os.path.join(out, "streaming")
+    os.makedirs(dst, exist_ok=True)
+    for f in ("am.mvn", "tokens.json"):
+        shutil.copy(os.path.join(out, f), os.path.join(dst, f))
+    link = os.path.join(dst, "model.pt")
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(os.path.join(out, "model.pt")), link)
+    with open(os.path.join(out, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["model"] = "ParaformerStreaming"
+    config["encoder"] = "SANMEncoderChunkOpt"
+    # paraformer-zh-streaming's encoder options (chunking used in training; inference takes
+    # chunk_size [0, 10, 5] from the caller).
+    config["encoder_conf"] = dict(
+        {k: v for k, v in ENC.items() if k != "pos_enc_class"}, input_layer="pe_online",
+        chunk_size=[12, 15], stride=[8, 10], pad_left=[0, 0],
+        encoder_att_look_back_factor=[4, 4], decoder_att_look_back_factor=[1, 1],
+    )
+    config["frontend"] = "WavFrontendOnline"
+    with open(os.path.join(dst, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+    print(json.dumps({"built": dst}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(sys.argv[2], float(sys.argv[3]))
+    elif sys.argv[1] == "streaming":
+        streaming(sys.argv[2])
+    elif sys.argv[1] == "time-streaming":
+        timed_streaming(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         timed(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

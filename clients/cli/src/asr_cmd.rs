@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cadenza_engine::{AsrConfig, AsrEvent, AudioInput, ModelKind, RequestOptions};
+use cadenza_paraformer::Transcript;
 use cadenza_proto::v1 as pb;
 use clap::Args;
 
@@ -383,6 +384,14 @@ async fn mic(a: &AsrArgs) -> Result<()> {
     Ok(())
 }
 
+/// One short streaming pass (warm-up of the streaming model's code paths).
+fn rec_warm(m: &cadenza_paraformer::Paraformer, samples: &[f32]) -> Result<()> {
+    let mut r = m.streaming();
+    r.push(samples)?;
+    r.finish()?;
+    Ok(())
+}
+
 /// `cadenza bench asr`.
 #[derive(Args, Debug)]
 pub struct BenchAsrArgs {
@@ -395,9 +404,19 @@ pub struct BenchAsrArgs {
     /// Timed offline runs (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Streaming chunk in ms (a partial is decoded after every chunk).
+    /// Streaming chunk in ms (a partial is decoded after every chunk). A chunked streaming model
+    /// decodes every 600 ms of features ([0, 10, 5]) whatever this is; it only sets the pushes.
     #[arg(long, default_value_t = 600)]
     chunk_ms: u32,
+    /// Model for the streaming measurements (e.g. a `ParaformerStreaming` directory); default
+    /// `--model`.
+    #[arg(long)]
+    streaming_model: Option<PathBuf>,
+    /// Concurrent real-time streams for the partial-latency measurement: each stream gets its
+    /// audio paced at real time in `chunk_ms` pieces, and the latency of a piece is from the
+    /// moment its audio would have ended to the return of the push that yields its partial.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// One JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -423,21 +442,72 @@ pub fn bench(a: BenchAsrArgs) -> Result<()> {
         best = best.min(t.elapsed().as_secs_f64());
         text = r.text;
     }
-    // Streaming: the session re-decodes the utterance so far after every chunk.
-    let chunk = (m.sample_rate() as usize * a.chunk_ms as usize / 1000).max(1);
+    // Streaming: a chunked model decodes each 600 ms chunk with its caches; an offline model
+    // re-decodes the utterance so far after every chunk.
+    let sm = match &a.streaming_model {
+        Some(d) => cadenza_paraformer::Paraformer::load(d, &dev)
+            .with_context(|| format!("loading {}", d.display()))?,
+        None => m.clone(),
+    };
+    let chunk = (sm.sample_rate() as usize * a.chunk_ms as usize / 1000).max(1);
     let frames = (a.chunk_ms as usize).div_ceil(60).max(1);
-    let mut rec = m.streaming().with_partial_every(frames);
-    let mut lat = Vec::new();
-    let t = Instant::now();
-    for c in samples.chunks(chunk) {
-        let tc = Instant::now();
-        rec.push(c)?;
-        lat.push(tc.elapsed().as_secs_f64());
+    let run_stream = |paced: Option<Instant>| -> Result<(f64, Vec<f64>, Transcript)> {
+        let mut rec = sm.streaming().with_partial_every(frames);
+        let mut lat = Vec::new();
+        let t = Instant::now();
+        let chunk_s = chunk as f64 / sm.sample_rate() as f64;
+        for (i, c) in samples.chunks(chunk).enumerate() {
+            let due = match paced {
+                Some(t0) => {
+                    // The audio of this piece has fully arrived at t0 + (i + 1) * chunk.
+                    let due = t0 + std::time::Duration::from_secs_f64((i + 1) as f64 * chunk_s);
+                    if let Some(w) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(w);
+                    }
+                    due
+                }
+                None => Instant::now(),
+            };
+            let partials = rec.push(c)?;
+            if !partials.is_empty() || paced.is_none() {
+                lat.push(due.elapsed().as_secs_f64());
+            }
+        }
+        let fin = rec.finish()?;
+        Ok((t.elapsed().as_secs_f64(), lat, fin.transcript))
+    };
+    rec_warm(&sm, &samples[..samples.len().min(chunk * 2)])?;
+    let (stream_s, mut lat, fin) = run_stream(None)?;
+    let streams = a.streams.max(1);
+    let mut conc_lat = Vec::new();
+    if streams > 1 {
+        let t0 = Instant::now();
+        let results: Vec<Result<(f64, Vec<f64>, Transcript)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..streams)
+                .map(|_| s.spawn(|| run_stream(Some(t0))))
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("stream panicked")))
+                })
+                .collect()
+        });
+        for r in results {
+            conc_lat.extend(r?.1);
+        }
+        conc_lat.sort_by(f64::total_cmp);
     }
-    let fin = rec.finish()?;
-    let stream_s = t.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    let cpct = |p: f64| {
+        if conc_lat.is_empty() {
+            f64::NAN
+        } else {
+            conc_lat[((conc_lat.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    let chunked = sm.is_streaming();
     let threads = candle_core::utils::get_num_threads();
     let v = serde_json::json!({
         "impl": "cadenza",
@@ -450,22 +520,35 @@ pub fn bench(a: BenchAsrArgs) -> Result<()> {
         "chunk_ms": a.chunk_ms,
         "partial_latency_p50_s": pct(0.5),
         "partial_latency_p95_s": pct(0.95),
+        "streaming_chunked": chunked,
+        "streams": streams,
+        "concurrent_partial_latency_p50_s": cpct(0.5),
+        "concurrent_partial_latency_p95_s": cpct(0.95),
+        "concurrent_partials": conc_lat.len(),
         "threads": threads,
-        "tokens": fin.transcript.token_ids.len(),
-        "same_final": fin.transcript.text == text,
+        "tokens": fin.token_ids.len(),
+        // Only meaningful when both passes ran the same model.
+        "same_final": a.streaming_model.is_none().then(|| fin.text == text),
     });
     if a.json {
         println!("{v}");
     } else {
         println!(
             "offline: {best:.3} s for {audio_s:.2} s of audio (RTF {:.3}); streaming ({} ms \
-             chunks, re-decoding): {stream_s:.3} s (RTF {:.3}), partial latency p50 {:.3} s \
-             p95 {:.3} s; {threads} threads",
+             pushes, {}): {stream_s:.3} s (RTF {:.3}), partial latency p50 {:.3} s \
+             p95 {:.3} s; {streams} paced streams: p50 {:.3} s p95 {:.3} s; {threads} threads",
             best / audio_s,
             a.chunk_ms,
+            if chunked {
+                "chunked model"
+            } else {
+                "re-decoding"
+            },
             stream_s / audio_s,
             pct(0.5),
-            pct(0.95)
+            pct(0.95),
+            cpct(0.5),
+            cpct(0.95)
         );
     }
     Ok(())

@@ -243,6 +243,11 @@ impl Config {
         serde_yaml::from_str(text).map_err(|e| ParaformerError::Config(e.to_string()))
     }
 
+    /// True for FunASR's chunked streaming model (`model: ParaformerStreaming`).
+    pub fn is_streaming(&self) -> bool {
+        self.model.as_deref() == Some("ParaformerStreaming")
+    }
+
     /// Encoder input width.
     pub fn input_size(&self) -> usize {
         self.input_size
@@ -251,21 +256,34 @@ impl Config {
 
     /// Reject every option this implementation does not run, naming it.
     pub fn validate(&self) -> Result<(), ParaformerError> {
+        let streaming = self.is_streaming();
         if let Some(m) = &self.model
             && m != "Paraformer"
+            && m != "ParaformerStreaming"
         {
             return Err(unsupported(format!(
-                "model: {m} (only Paraformer; ParaformerStreaming, BiCifParaformer, \
+                "model: {m} (only Paraformer and ParaformerStreaming; BiCifParaformer, \
                  SeacoParaformer, ContextualParaformer are not implemented)"
             )));
         }
         let e = &self.encoder_conf;
-        if self.encoder != "SANMEncoder" {
-            return Err(unsupported(format!("encoder: {}", self.encoder)));
-        }
-        if e.input_layer.as_deref() != Some("pe") {
+        // Paraformer: SANMEncoder with `pe`; ParaformerStreaming: SANMEncoderChunkOpt
+        // (`models/scama/encoder.py`) with `pe_online` (StreamSinusoidalPositionEncoder).
+        let (want_encoder, want_input) = if streaming {
+            ("SANMEncoderChunkOpt", "pe_online")
+        } else {
+            ("SANMEncoder", "pe")
+        };
+        if self.encoder != want_encoder {
             return Err(unsupported(format!(
-                "encoder_conf.input_layer: {:?} (only \"pe\")",
+                "encoder: {} with model {} (expected {want_encoder})",
+                self.encoder,
+                self.model.as_deref().unwrap_or("Paraformer")
+            )));
+        }
+        if e.input_layer.as_deref() != Some(want_input) {
+            return Err(unsupported(format!(
+                "encoder_conf.input_layer: {:?} (only \"{want_input}\" with {want_encoder})",
                 e.input_layer
             )));
         }
@@ -342,6 +360,7 @@ impl Config {
         if let Some(f) = &self.frontend
             && f != "WavFrontend"
             && f != "wav_frontend"
+            && f != "WavFrontendOnline"
         {
             return Err(unsupported(format!("frontend: {f}")));
         }

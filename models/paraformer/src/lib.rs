@@ -22,9 +22,13 @@
 //! ```
 //!
 //! Batch size 1 per call; weights are shared (`Paraformer` is cheap to clone).
-//! [`StreamingRecognizer`] gives partial results while audio arrives by re-decoding the
-//! utterance so far (the offline model; FunASR's chunked `ParaformerStreaming` checkpoints are not
-//! supported yet and fail at load).
+//!
+//! Streaming: for FunASR's chunked model (`paraformer-zh-streaming` format: `model:
+//! ParaformerStreaming`, `encoder: SANMEncoderChunkOpt`) [`Paraformer::streaming`] runs the
+//! reference's chunked inference ([`ChunkSession`]: encoder with feature/look-back caches, CIF
+//! state carried across chunks, cached decoder, final flush) and yields one partial per chunk;
+//! [`Paraformer::recognize`] of such a model runs the same chunking over the whole input. For an
+//! offline `Paraformer` the [`StreamingRecognizer`] re-decodes the utterance so far.
 
 pub mod config;
 pub mod model;
@@ -39,8 +43,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use config::Config;
-pub use model::CifOutput;
-use model::Network;
+pub use model::{ChunkConfig, CifOutput};
+use model::{CifChunkState, DecoderChunkState, EncoderChunkState, Network};
 
 /// Errors of loading or running a Paraformer.
 #[derive(Debug, thiserror::Error)]
@@ -202,8 +206,41 @@ impl Paraformer {
         )?)
     }
 
-    /// Recognise from frontend features.
+    /// True for a chunked streaming model (`model: ParaformerStreaming`).
+    pub fn is_streaming(&self) -> bool {
+        self.config.is_streaming()
+    }
+
+    /// A low-level chunked inference session of a streaming model (feed features chunk by
+    /// chunk). Fails for an offline model.
+    pub fn chunk_session(&self, chunk: ChunkConfig) -> Result<ChunkSession> {
+        if !self.is_streaming() {
+            return Err(ParaformerError::Unsupported(
+                "chunked inference needs a ParaformerStreaming model".into(),
+            ));
+        }
+        if chunk.chunk_size[1] == 0 {
+            return Err(ParaformerError::Config("chunk_size[1] must be > 0".into()));
+        }
+        Ok(ChunkSession {
+            model: self.clone(),
+            chunk,
+            enc: EncoderChunkState::new(self.config.input_size(), &chunk, &self.device)?,
+            cif: CifChunkState::default(),
+            dec: DecoderChunkState::default(),
+        })
+    }
+
+    /// Recognise from frontend features. A streaming model runs its chunked inference with the
+    /// default [`ChunkConfig`] (as `ParaformerStreaming.inference` with `is_final=True` on the
+    /// whole input: full chunks, then the rest as the final chunk, or a tail flush when nothing
+    /// is left); timestamps are empty then (the streaming reference outputs none).
     pub fn recognize_features(&self, feats: &Features) -> Result<Transcript> {
+        if self.is_streaming() {
+            let mut s = self.chunk_session(ChunkConfig::default())?;
+            let ids = s.run_all(feats)?;
+            return Ok(self.transcript_ids(&ids));
+        }
         if feats.frames() == 0 {
             return Ok(Transcript::default());
         }
@@ -245,8 +282,34 @@ impl Paraformer {
         }
     }
 
-    /// A streaming session over this model.
+    /// Transcript of token ids from chunked decoding (blank/sos/eos already removed), no
+    /// timestamps.
+    fn transcript_ids(&self, ids: &[u32]) -> Transcript {
+        let tokens: Vec<String> = ids
+            .iter()
+            .map(|&i| {
+                self.tokens
+                    .get(i as usize)
+                    .cloned()
+                    .unwrap_or_else(|| "<unk>".into())
+            })
+            .collect();
+        Transcript {
+            token_ids: ids.to_vec(),
+            text: text::sentence_postprocess(&tokens),
+            tokens,
+            timestamps: Vec::new(),
+        }
+    }
+
+    /// A streaming session over this model: chunked inference for a streaming model (default
+    /// [`ChunkConfig`], one partial per chunk), re-decoding for an offline one.
     pub fn streaming(&self) -> StreamingRecognizer {
+        let chunked = if self.is_streaming() {
+            self.chunk_session(ChunkConfig::default()).ok()
+        } else {
+            None
+        };
         StreamingRecognizer {
             model: self.clone(),
             frontend: self.frontend.stream(),
@@ -256,7 +319,111 @@ impl Paraformer {
             },
             decoded_frames: 0,
             partial_every: 10,
+            chunked,
+            ids: Vec::new(),
         }
+    }
+}
+
+/// Output of one chunk of [`ChunkSession`].
+#[derive(Debug, Clone)]
+pub struct ChunkOutput {
+    /// Encoder output of the chunk's window `[1, cached + new frames, d]`.
+    pub encoder_out: Tensor,
+    /// CIF weights of the window after the chunk masks.
+    pub alphas: Vec<f32>,
+    /// Token ids fired in this chunk (blank/sos/eos removed).
+    pub token_ids: Vec<u32>,
+}
+
+/// Chunked inference of a `ParaformerStreaming` model, as `ParaformerStreaming.generate_chunk`
+/// (funasr `models/paraformer_streaming/model.py`) with the caches of `init_cache`.
+#[derive(Debug, Clone)]
+pub struct ChunkSession {
+    model: Paraformer,
+    chunk: ChunkConfig,
+    enc: EncoderChunkState,
+    cif: CifChunkState,
+    dec: DecoderChunkState,
+}
+
+impl ChunkSession {
+    /// The chunk geometry.
+    pub fn chunk_config(&self) -> ChunkConfig {
+        self.chunk
+    }
+
+    /// Run one chunk: `[n, dim]` features (`None` or zero frames = the final tail chunk, which
+    /// reuses the cached look-ahead frames). After a final chunk the session is reset.
+    pub fn step(&mut self, feats: Option<&Features>, is_final: bool) -> Result<ChunkOutput> {
+        let net = &self.model.net;
+        let x = match feats {
+            Some(f) if f.frames() > 0 => Some(self.model.features_tensor(f)?),
+            _ => None,
+        };
+        let enc = net
+            .encoder
+            .forward_chunk(x.as_ref(), &mut self.enc, &self.chunk)?;
+        let cif =
+            net.predictor
+                .forward_chunk(&enc, &mut self.cif, self.chunk.chunk_size, is_final)?;
+        let mut token_ids = Vec::new();
+        // generate_chunk returns before the decoder when no token fired (its cache untouched).
+        if let Some(embeds) = &cif.embeds {
+            let logp = net
+                .decoder
+                .forward_chunk(embeds, &enc, &mut self.dec, &self.chunk)?;
+            let ids: Vec<u32> = logp.squeeze(0)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            token_ids = ids
+                .into_iter()
+                .filter(|&i| i != BLANK && i != SOS && i != EOS)
+                .collect();
+        }
+        if is_final {
+            self.reset()?;
+        }
+        Ok(ChunkOutput {
+            encoder_out: enc,
+            alphas: cif.alphas,
+            token_ids,
+        })
+    }
+
+    /// Forget all state (a new utterance).
+    pub fn reset(&mut self) -> Result<()> {
+        self.enc = EncoderChunkState::new(
+            self.model.config.input_size(),
+            &self.chunk,
+            &self.model.device,
+        )?;
+        self.cif = CifChunkState::default();
+        self.dec = DecoderChunkState::default();
+        Ok(())
+    }
+
+    /// Whole input: chunks of `chunk_size[1]` frames while at least that many remain, then the
+    /// rest as the final chunk, or a tail flush when nothing is left (as `inference` with
+    /// `is_final=True` cuts audio into 600 ms strides). Returns all token ids.
+    pub fn run_all(&mut self, feats: &Features) -> Result<Vec<u32>> {
+        let step = self.chunk.chunk_size[1];
+        let mut ids = Vec::new();
+        let mut start = 0;
+        while feats.frames() - start >= step {
+            let c = feats_slice(feats, start, step);
+            ids.extend(self.step(Some(&c), false)?.token_ids);
+            start += step;
+        }
+        let rest = feats_slice(feats, start, feats.frames() - start);
+        ids.extend(self.step(Some(&rest), true)?.token_ids);
+        Ok(ids)
+    }
+}
+
+/// Frames `start..start + n` of `f`.
+fn feats_slice(f: &Features, start: usize, n: usize) -> Features {
+    Features {
+        data: f.data[start * f.dim..(start + n) * f.dim].to_vec(),
+        dim: f.dim,
     }
 }
 
@@ -300,9 +467,51 @@ pub struct StreamingRecognizer {
     feats: Features,
     decoded_frames: usize,
     partial_every: usize,
+    /// Chunked inference (streaming models).
+    chunked: Option<ChunkSession>,
+    /// Tokens of the chunks decoded so far (chunked mode).
+    ids: Vec<u32>,
 }
 
 impl StreamingRecognizer {
+    /// True when this session runs FunASR's chunked streaming inference (one partial per chunk
+    /// of `chunk_size[1]` LFR frames) rather than re-decoding with an offline model.
+    pub fn is_chunked(&self) -> bool {
+        self.chunked.is_some()
+    }
+
+    /// Use another chunk geometry (streaming models only; resets the session).
+    pub fn with_chunk_config(mut self, chunk: ChunkConfig) -> Result<Self> {
+        if self.chunked.is_some() {
+            self.chunked = Some(self.model.chunk_session(chunk)?);
+        }
+        Ok(self)
+    }
+
+    fn chunked_push(&mut self, last: bool) -> Result<Vec<Partial>> {
+        let Some(session) = self.chunked.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let step = session.chunk_config().chunk_size[1];
+        let mut out = Vec::new();
+        let mut start = 0;
+        while self.feats.frames() - start >= step {
+            let c = feats_slice(&self.feats, start, step);
+            self.ids.extend(session.step(Some(&c), false)?.token_ids);
+            start += step;
+            out.push(Partial {
+                transcript: self.model.transcript_ids(&self.ids),
+                is_final: false,
+            });
+        }
+        if last {
+            let rest = feats_slice(&self.feats, start, self.feats.frames() - start);
+            self.ids.extend(session.step(Some(&rest), true)?.token_ids);
+            start = self.feats.frames();
+        }
+        self.feats = feats_slice(&self.feats, start, self.feats.frames() - start);
+        Ok(out)
+    }
     /// Set how many new LFR frames trigger a partial result (at least 1).
     pub fn with_partial_every(mut self, frames: usize) -> Self {
         self.partial_every = frames.max(1);
@@ -312,6 +521,9 @@ impl StreamingRecognizer {
     /// Add samples; returns a partial result when enough new audio arrived.
     pub fn push(&mut self, samples: &[f32]) -> Result<Vec<Partial>> {
         self.feats.extend(&self.frontend.push(samples));
+        if self.chunked.is_some() {
+            return self.chunked_push(false);
+        }
         if self.feats.frames() >= self.decoded_frames + self.partial_every {
             self.decoded_frames = self.feats.frames();
             let transcript = self.model.recognize_features(&self.feats)?;
@@ -326,6 +538,19 @@ impl StreamingRecognizer {
     /// End of audio: the final transcript. The session is reset for a new utterance.
     pub fn finish(&mut self) -> Result<Partial> {
         self.feats.extend(&self.frontend.finish());
+        if self.chunked.is_some() {
+            // Full chunks left after the frontend's flush still go out as non-final chunks
+            // (their partials are superseded by the final result).
+            self.chunked_push(true)?;
+            let transcript = self.model.transcript_ids(&self.ids);
+            self.frontend.reset();
+            self.feats.data.clear();
+            self.ids.clear();
+            return Ok(Partial {
+                transcript,
+                is_final: true,
+            });
+        }
         let transcript = self.model.recognize_features(&self.feats)?;
         self.frontend.reset();
         self.feats.data.clear();

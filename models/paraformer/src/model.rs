@@ -37,14 +37,73 @@ impl Fsmn {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(1)?;
         let padded = x.pad_with_zeros(1, self.left, self.right)?;
+        self.conv_add(&padded, x)
+    }
+
+    /// `x + conv(padded)` where `padded` holds `T + K - 1` frames.
+    fn conv_add(&self, padded: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
         let mut acc = x.clone();
         for k in 0..self.taps.dim(0)? {
             let tap = self.taps.get(k)?;
             acc = (acc + padded.narrow(1, k, t)?.broadcast_mul(&tap)?)?;
         }
         Ok(acc)
+    }
+
+    /// The decoder's cached FSMN (`MultiHeadedAttentionSANMDecoder.forward` with a cache, as
+    /// `ParaformerSANMDecoder.forward_chunk` calls it): the first chunk is zero-padded as offline
+    /// and the padded input kept; later chunks use `cat(cache[1:], x)[-(K + T - 1):]` (so the
+    /// previous chunk's right padding is part of the left context, as in the reference).
+    fn forward_cached(&self, x: &Tensor, cache: &mut Option<Tensor>) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let k = self.taps.dim(0)?;
+        let padded = match cache.take() {
+            None => x.pad_with_zeros(1, self.left, self.right)?,
+            Some(c) => {
+                let c = c.narrow(1, 1, c.dim(1)? - 1)?;
+                let cat = Tensor::cat(&[&c, x], 1)?;
+                let n = cat.dim(1)?;
+                let keep = (k + t - 1).min(n);
+                cat.narrow(1, n - keep, keep)?.contiguous()?
+            }
+        };
+        let out = self.conv_add(&padded, x)?;
+        *cache = Some(padded);
+        Ok(out)
+    }
+}
+
+/// The last `n` frames of `[1, T, C]` (all of them when `T <= n`, as Python's `x[:, -n:]`).
+fn last_frames(x: &Tensor, n: usize) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    let n = n.min(t);
+    x.narrow(1, t - n, n)?.contiguous()
+}
+
+/// Chunk geometry of FunASR streaming (`chunk_size` = `[look-back, chunk, look-ahead]` in LFR
+/// frames) and the attention look-back of encoder and decoder, in chunks (`-1` = unbounded; only
+/// the encoder honours -1, as in the reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkConfig {
+    /// `[left, chunk, right]` LFR frames; FunASR's default `[0, 10, 5]` (600 ms, 300 ms ahead).
+    pub chunk_size: [usize; 3],
+    /// `encoder_chunk_look_back` (chunks of cached keys/values per encoder layer).
+    pub encoder_look_back: i64,
+    /// `decoder_chunk_look_back` (chunks of cached cross-attention keys/values).
+    pub decoder_look_back: i64,
+}
+
+impl Default for ChunkConfig {
+    /// `[0, 10, 5]` with look-back 4 / 1, the settings of FunASR's streaming demo
+    /// (`ParaformerStreaming.init_cache` itself defaults the look-backs to 0).
+    fn default() -> Self {
+        ChunkConfig {
+            chunk_size: [0, 10, 5],
+            encoder_look_back: 4,
+            decoder_look_back: 1,
+        }
     }
 }
 
@@ -126,6 +185,64 @@ impl EncoderLayer {
         let x = if self.residual_attn { (x + att)? } else { att };
         &x + self.ff.forward(&self.norm2.forward(&x)?)?
     }
+
+    /// `EncoderLayerSANM.forward_chunk` (funasr `models/scama/encoder.py`) with
+    /// `MultiHeadedAttentionSANM.forward_chunk` (`models/sanm/attention.py`): attention over the
+    /// cached keys/values of earlier chunks (look-back > 0 or -1) plus this window; the FSMN
+    /// memory is computed over this window alone with its zero padding (no FSMN state crosses
+    /// chunks). The cache keeps the window minus its `chunk_size[2]` look-ahead frames, trimmed
+    /// to `look_back * chunk_size[1]` frames.
+    fn forward_chunk(
+        &self,
+        x: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+        cc: &ChunkConfig,
+    ) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let qkv = self.linear_q_k_v.forward(&h)?;
+        let q = qkv.narrow(D::Minus1, 0, self.d)?;
+        let k = qkv.narrow(D::Minus1, self.d, self.d)?.contiguous()?;
+        let v = qkv.narrow(D::Minus1, 2 * self.d, self.d)?.contiguous()?;
+        let lb = cc.encoder_look_back;
+        let (k_all, v_all) = if lb > 0 || lb == -1 {
+            let t = k.dim(1)?;
+            // `k_h[:, :, :-chunk_size[2]]` (empty when chunk_size[2] == 0, as in Python).
+            let stride = if cc.chunk_size[2] == 0 {
+                0
+            } else {
+                t.saturating_sub(cc.chunk_size[2])
+            };
+            let (ks, vs) = (k.narrow(1, 0, stride)?, v.narrow(1, 0, stride)?);
+            match cache.take() {
+                Some((ck, cv)) => {
+                    let k_all = Tensor::cat(&[&ck, &k], 1)?;
+                    let v_all = Tensor::cat(&[&cv, &v], 1)?;
+                    let mut nk = Tensor::cat(&[&ck, &ks], 1)?;
+                    let mut nv = Tensor::cat(&[&cv, &vs], 1)?;
+                    if lb != -1 {
+                        let n = lb as usize * cc.chunk_size[1];
+                        nk = last_frames(&nk, n)?;
+                        nv = last_frames(&nv, n)?;
+                    }
+                    *cache = Some((nk, nv));
+                    (k_all, v_all)
+                }
+                None => {
+                    *cache = Some((ks.contiguous()?, vs.contiguous()?));
+                    (k.clone(), v.clone())
+                }
+            }
+        } else {
+            (k.clone(), v.clone())
+        };
+        let memory = self.fsmn.forward(&v)?;
+        let att = (self
+            .linear_out
+            .forward(&attention(&q, &k_all, &v_all, self.heads)?)?
+            + memory)?;
+        let x = if self.residual_attn { (x + att)? } else { att };
+        &x + self.ff.forward(&self.norm2.forward(&x)?)?
+    }
 }
 
 /// Sinusoidal positions of `SinusoidalPositionEncoder` (`models/transformer/embedding.py`):
@@ -185,6 +302,78 @@ impl Encoder {
             x = l.forward(&x)?;
         }
         self.after_norm.forward(&x)
+    }
+
+    /// `SANMEncoderChunkOpt.forward_chunk` (funasr `models/scama/encoder.py`) for one chunk of
+    /// `[1, n, input_size]` features, or `None` for the final "tail chunk" (no new audio: the
+    /// window is the cached frames alone). New frames are scaled by `sqrt(d)` and get the
+    /// streaming positions (`StreamSinusoidalPositionEncoder`: positions continue across chunks);
+    /// the window is the last `chunk_size[0] + chunk_size[2]` embedded frames of the previous
+    /// window (zeros at the start) followed by the new ones. Returns the window's output.
+    pub fn forward_chunk(
+        &self,
+        feats: Option<&Tensor>,
+        state: &mut EncoderChunkState,
+        cc: &ChunkConfig,
+    ) -> Result<Tensor> {
+        let xs = match feats {
+            None => state.feats.clone(),
+            Some(feats) => {
+                let (_, n, dim) = feats.dims3()?;
+                let pe = Tensor::from_vec(
+                    sinusoidal_positions(n, dim, state.start_idx),
+                    (1, n, dim),
+                    feats.device(),
+                )?;
+                state.start_idx += n;
+                let x = ((feats * (self.d as f64).sqrt())? + pe)?;
+                let xs = Tensor::cat(&[&state.feats, &x], 1)?;
+                // `overlap_feats[:, -(c0 + c2):]` (the whole window when c0 + c2 == 0).
+                let keep = cc.chunk_size[0] + cc.chunk_size[2];
+                state.feats = if keep == 0 {
+                    xs.clone()
+                } else {
+                    last_frames(&xs, keep)?
+                };
+                xs
+            }
+        };
+        if state.layers.len() != self.layers.len() {
+            state.layers = vec![None; self.layers.len()];
+        }
+        let mut x = xs;
+        let keep_cache = cc.encoder_look_back > 0 || cc.encoder_look_back == -1;
+        for (l, cache) in self.layers.iter().zip(state.layers.iter_mut()) {
+            // Without look-back the reference passes no cache (cache["opt"] stays None).
+            let mut tmp = None;
+            let c = if keep_cache { cache } else { &mut tmp };
+            x = l.forward_chunk(&x, c, cc)?;
+        }
+        self.after_norm.forward(&x)
+    }
+}
+
+/// Encoder state carried across chunks (`cache["encoder"]` of `ParaformerStreaming.init_cache`:
+/// `start_idx`, `feats`, `opt`).
+#[derive(Debug, Clone)]
+pub struct EncoderChunkState {
+    start_idx: usize,
+    feats: Tensor,
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl EncoderChunkState {
+    /// Fresh state: `chunk_size[0] + chunk_size[2]` zero frames of width `input_size`.
+    pub fn new(input_size: usize, cc: &ChunkConfig, device: &candle_core::Device) -> Result<Self> {
+        Ok(EncoderChunkState {
+            start_idx: 0,
+            feats: Tensor::zeros(
+                (1, cc.chunk_size[0] + cc.chunk_size[2], input_size),
+                candle_core::DType::F32,
+                device,
+            )?,
+            layers: Vec::new(),
+        })
     }
 }
 
@@ -259,6 +448,114 @@ impl Predictor {
         Ok(CifOutput {
             alphas,
             peaks,
+            token_num,
+            embeds,
+        })
+    }
+}
+
+/// CIF state carried across chunks (`cache["encoder"]["cif_hidden"]` / `["cif_alphas"]`): the
+/// residual weight after the last firing and the normalised partial frame.
+#[derive(Debug, Clone, Default)]
+pub struct CifChunkState {
+    /// Residual integrate (`cif_alphas`).
+    pub alpha: f32,
+    /// `frames / integrate` (or the zero frame), `cif_hidden`; empty = zeros.
+    pub hidden: Vec<f32>,
+}
+
+/// Result of [`Predictor::forward_chunk`].
+#[derive(Debug, Clone)]
+pub struct CifChunkOutput {
+    /// This window's weights after the chunk masks (before the carried/tail frames are added).
+    pub alphas: Vec<f32>,
+    /// Tokens fired in this chunk.
+    pub token_num: usize,
+    /// `[1, token_num, d]` acoustic embeddings (`None` when no token fired).
+    pub embeds: Option<Tensor>,
+}
+
+impl Predictor {
+    /// `CifPredictorV2.forward_chunk` (funasr `models/paraformer/cif_predictor.py`): weights of the
+    /// window with the first `chunk_size[0]` frames and (unless final) everything after
+    /// `chunk_size[0] + chunk_size[1]` zeroed; the carried residual frame is prepended and, when
+    /// final, the tail frame (`tail_threshold`, zero hidden) appended; then the loop form of
+    /// integrate-and-fire in float32 as the reference runs it. Updates `state`.
+    pub fn forward_chunk(
+        &self,
+        enc: &Tensor,
+        state: &mut CifChunkState,
+        chunk_size: [usize; 3],
+        is_final: bool,
+    ) -> Result<CifChunkOutput> {
+        let mut alphas = self.alphas(enc)?;
+        let t = alphas.len();
+        for a in alphas.iter_mut().take(chunk_size[0].min(t)) {
+            *a = 0.0;
+        }
+        if !is_final {
+            for a in alphas.iter_mut().skip(chunk_size[0] + chunk_size[1]) {
+                *a = 0.0;
+            }
+        }
+        let d = enc.dim(2)?;
+        let rows: Vec<f32> = enc.flatten_all()?.to_vec1()?;
+        let prev_hidden = if state.hidden.len() == d {
+            state.hidden.clone()
+        } else {
+            vec![0f32; d]
+        };
+        let mut seq_a = Vec::with_capacity(t + 2);
+        let mut seq_h: Vec<&[f32]> = Vec::with_capacity(t + 2);
+        seq_a.push(state.alpha);
+        seq_h.push(&prev_hidden);
+        for (i, &a) in alphas.iter().enumerate() {
+            seq_a.push(a);
+            seq_h.push(&rows[i * d..(i + 1) * d]);
+        }
+        let zeros = vec![0f32; d];
+        if is_final {
+            seq_a.push(self.cfg.tail_threshold as f32);
+            seq_h.push(&zeros);
+        }
+        let threshold = self.cfg.threshold as f32;
+        let mut integrate = 0f32;
+        let mut frame = vec![0f32; d];
+        let mut fired: Vec<f32> = Vec::new();
+        let mut token_num = 0;
+        for (&a, h) in seq_a.iter().zip(&seq_h) {
+            if a + integrate < threshold {
+                integrate += a;
+                for (f, &x) in frame.iter_mut().zip(h.iter()) {
+                    *f += a * x;
+                }
+            } else {
+                let w = threshold - integrate;
+                for (f, &x) in frame.iter_mut().zip(h.iter()) {
+                    *f += w * x;
+                }
+                fired.extend_from_slice(&frame);
+                token_num += 1;
+                integrate += a;
+                integrate -= threshold;
+                for (f, &x) in frame.iter_mut().zip(h.iter()) {
+                    *f = integrate * x;
+                }
+            }
+        }
+        state.alpha = integrate;
+        state.hidden = if integrate > 0.0 {
+            frame.iter().map(|f| f / integrate).collect()
+        } else {
+            frame
+        };
+        let embeds = if token_num > 0 {
+            Some(Tensor::from_vec(fired, (1, token_num, d), enc.device())?)
+        } else {
+            None
+        };
+        Ok(CifChunkOutput {
+            alphas,
             token_num,
             embeds,
         })
@@ -411,6 +708,44 @@ impl DecoderLayer {
         }
         Ok(x)
     }
+
+    /// `DecoderLayerSANM.forward_chunk` (funasr `models/paraformer/decoder.py`): cached FSMN,
+    /// cross-attention over this chunk's encoder window plus (look-back > 0) the cached keys and
+    /// values of the last `look_back * chunk_size[1]` memory frames
+    /// (`MultiHeadedAttentionCrossAtt.forward_chunk`).
+    fn forward_chunk(
+        &self,
+        x: &Tensor,
+        memory: &Tensor,
+        fsmn_cache: &mut Option<Tensor>,
+        opt_cache: &mut Option<(Tensor, Tensor)>,
+        cc: &ChunkConfig,
+    ) -> Result<Tensor> {
+        let t = self.ff.forward(&self.norm1.forward(x)?)?;
+        let mut x = match &self.fsmn {
+            Some((norm2, fsmn)) => (x + fsmn.forward_cached(&norm2.forward(&t)?, fsmn_cache)?)?,
+            None => t,
+        };
+        if let Some((norm3, att)) = &self.src {
+            let h = norm3.forward(&x)?;
+            let q = att.linear_q.forward(&h)?;
+            let kv = att.linear_k_v.forward(memory)?;
+            let mut k = kv.narrow(D::Minus1, 0, att.d)?.contiguous()?;
+            let mut v = kv.narrow(D::Minus1, att.d, att.d)?.contiguous()?;
+            let lb = cc.decoder_look_back;
+            if lb > 0 {
+                let n = lb as usize * cc.chunk_size[1];
+                if let Some((ck, cv)) = opt_cache.take() {
+                    k = Tensor::cat(&[&ck, &k], 1)?;
+                    v = Tensor::cat(&[&cv, &v], 1)?;
+                }
+                *opt_cache = Some((last_frames(&k, n)?, last_frames(&v, n)?));
+            }
+            let a = att.linear_out.forward(&attention(&q, &k, &v, att.heads)?)?;
+            x = (&x + a)?;
+        }
+        Ok(x)
+    }
 }
 
 /// `ParaformerSANMDecoder` (inference: acoustic embeddings in, token log-probabilities out).
@@ -468,6 +803,53 @@ impl Decoder {
         let logits = self.output_layer.forward(&self.after_norm.forward(&x)?)?;
         candle_nn::ops::log_softmax(&logits, D::Minus1)
     }
+
+    /// `ParaformerSANMDecoder.forward_chunk` + log-softmax
+    /// (`ParaformerStreaming.cal_decoder_with_predictor_chunk`). As in the reference, a
+    /// `decoders2` stack is run only when it has more than one layer.
+    pub fn forward_chunk(
+        &self,
+        embeds: &Tensor,
+        memory: &Tensor,
+        state: &mut DecoderChunkState,
+        cc: &ChunkConfig,
+    ) -> Result<Tensor> {
+        let n = self.layers.len();
+        if state.fsmn.len() != n {
+            state.fsmn = vec![None; n];
+            state.opt = vec![None; n];
+        }
+        let att_layers = self.layers.iter().filter(|l| l.src.is_some()).count();
+        let second = self
+            .layers
+            .iter()
+            .filter(|l| l.src.is_none() && l.fsmn.is_some())
+            .count();
+        let keep_opt = cc.decoder_look_back > 0 || cc.decoder_look_back == -1;
+        let mut x = embeds.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            let is_second = l.src.is_none() && l.fsmn.is_some();
+            if is_second && second <= 1 {
+                continue;
+            }
+            let mut tmp = None;
+            let opt = if keep_opt && i < att_layers {
+                &mut state.opt[i]
+            } else {
+                &mut tmp
+            };
+            x = l.forward_chunk(&x, memory, &mut state.fsmn[i], opt, cc)?;
+        }
+        let logits = self.output_layer.forward(&self.after_norm.forward(&x)?)?;
+        candle_nn::ops::log_softmax(&logits, D::Minus1)
+    }
+}
+
+/// Decoder state carried across chunks (`cache["decoder"]`: `decode_fsmn`, `opt`).
+#[derive(Debug, Clone, Default)]
+pub struct DecoderChunkState {
+    fsmn: Vec<Option<Tensor>>,
+    opt: Vec<Option<(Tensor, Tensor)>>,
 }
 
 /// The three networks of a Paraformer.

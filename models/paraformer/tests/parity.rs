@@ -133,12 +133,19 @@ fn unsupported_options_fail_at_load() {
         .validate()
         .unwrap_err();
     assert!(e.to_string().contains("input_layer"), "{e}");
+    let bad = cfg.replace("model: Paraformer", "model: BiCifParaformer");
+    let e = cadenza_paraformer::Config::from_yaml(&bad)
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(e.to_string().contains("BiCifParaformer"), "{e}");
+    // A streaming model needs the chunked encoder.
     let bad = cfg.replace("model: Paraformer", "model: ParaformerStreaming");
     let e = cadenza_paraformer::Config::from_yaml(&bad)
         .unwrap()
         .validate()
         .unwrap_err();
-    assert!(e.to_string().contains("ParaformerStreaming"), "{e}");
+    assert!(e.to_string().contains("SANMEncoderChunkOpt"), "{e}");
 }
 
 /// Real checkpoint smoke test: `CADENZA_PARAFORMER_DIR=/path/to/paraformer-zh

@@ -1,25 +1,27 @@
 //! Speech recognition sessions: audio in (streamed raw PCM or a whole file), segmented into
 //! utterances by an energy voice-activity rule ([`Segmenter`]), recognised with Paraformer.
 //!
-//! While a segment is open its audio feeds a [`StreamingRecognizer`], which re-decodes the
-//! segment so far every `chunk` encoder frames (600 ms by default) and yields an interim
-//! hypothesis. At each endpoint the whole segment is recognised once more — by the same model,
-//! or in two-pass mode by the configured offline model — and that is the segment's final
-//! hypothesis. So the final text of a segment is exactly `Paraformer::recognize` of its samples,
-//! whatever the chunking of the input, and the unary path (which runs this same task over a
-//! decoded file) gives the same segments and texts as a stream of the same audio.
+//! While a segment is open its audio feeds a [`StreamingRecognizer`]. For a chunked streaming
+//! model (FunASR `ParaformerStreaming`, e.g. `paraformer-zh-streaming`) it runs the reference's
+//! chunked inference with the request's `chunk_size` (`[0, 10, 5]` by default) and yields one
+//! interim hypothesis per chunk (tokens of all chunks so far); for an offline model it re-decodes
+//! the segment so far every `chunk` encoder frames (600 ms by default). At each endpoint the
+//! segment's final hypothesis is, in two-pass mode, the configured offline model's recognition
+//! of the segment (`second_pass` of the online model, or `offline_model`); otherwise the
+//! streaming model's flush (chunked model) or `Paraformer::recognize` of the segment (offline
+//! model). Either way the final text does not depend on how the input was cut into messages, and
+//! the unary path (which runs this same task over a decoded file) gives the same segments and
+//! texts as a stream of the same audio.
 //!
-//! FunASR's chunked `ParaformerStreaming` model is not implemented (see `cadenza-paraformer`);
-//! "online" partials are re-decodings by the offline network. Sessions step alone: the
-//! Paraformer API decodes one utterance per call, so no [`BatchKey`](crate::scheduler::BatchKey)
-//! is offered.
+//! Sessions step alone: the Paraformer API decodes one utterance per call, so no
+//! [`BatchKey`](crate::scheduler::BatchKey) is offered.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cadenza_audio::{Limits, RawEncoding, StreamResampler};
-use cadenza_paraformer::{StreamingRecognizer, Transcript};
+use cadenza_paraformer::{ChunkConfig, StreamingRecognizer, Transcript};
 use tokio::sync::mpsc;
 
 use crate::codec::{AudioInput, StreamInput};
@@ -529,7 +531,7 @@ impl AsrTask {
             1 << 40
         };
         let seg = Segmenter::new(cfg.endpointing.clone(), rate);
-        let rec = model.model.streaming().with_partial_every(partial_every);
+        let rec = recognizer(&model, &cfg, partial_every)?;
         Ok(Self {
             base: Base::new(format!("asr:{}", model.info.name), out, meta),
             model,
@@ -734,11 +736,7 @@ impl AsrTask {
                         prev: Vec::new(),
                         samples: Vec::new(),
                     });
-                    self.rec = self
-                        .model
-                        .model
-                        .streaming()
-                        .with_partial_every(self.partial_every);
+                    self.rec = recognizer(&self.model, &self.cfg, self.partial_every)?;
                 }
                 SegEvent::Audio(a) => {
                     let partials = self.rec.push(&a).map_err(model_err)?;
@@ -746,7 +744,15 @@ impl AsrTask {
                         continue;
                     };
                     open.samples.extend_from_slice(&a);
-                    if let Some(p) = partials.into_iter().last() {
+                    if !self.cfg.interim_results {
+                        continue;
+                    }
+                    if self.rec.is_chunked() {
+                        // Chunked model: every chunk's partial (a push may complete several).
+                        for p in partials {
+                            self.partial(p.transcript, arrived);
+                        }
+                    } else if let Some(p) = partials.into_iter().last() {
                         self.partial(p.transcript, arrived);
                     }
                 }
@@ -806,11 +812,25 @@ impl AsrTask {
             end_s,
             reason,
         });
-        let (m, pass) = match &self.offline {
-            Some(o) => (&o.model, Pass::OfflineCorrection),
-            None => (&self.model.model, Pass::Online),
+        let (t, pass) = match &self.offline {
+            Some(o) => (
+                o.model.recognize(&open.samples).map_err(model_err)?,
+                Pass::OfflineCorrection,
+            ),
+            // The chunked model's flush: the same result as recognising the segment whole, and
+            // it honours the request's chunk_size; no second pass over the audio.
+            None if self.rec.is_chunked() => (
+                self.rec.finish().map_err(model_err)?.transcript,
+                Pass::Online,
+            ),
+            None => (
+                self.model
+                    .model
+                    .recognize(&open.samples)
+                    .map_err(model_err)?,
+                Pass::Online,
+            ),
         };
-        let t = m.recognize(&open.samples).map_err(model_err)?;
         let words = if self.cfg.timestamps {
             t.tokens
                 .iter()
@@ -851,6 +871,27 @@ impl AsrTask {
         );
         self.base.out.push(AsrEvent::Hypothesis(h));
     }
+}
+
+/// A streaming recogniser for a segment: chunked inference with the request's `chunk_size` for a
+/// streaming model (look-backs as [`ChunkConfig::default`]), re-decoding every `partial_every`
+/// frames for an offline one.
+fn recognizer(
+    model: &AsrModel,
+    cfg: &AsrConfig,
+    partial_every: usize,
+) -> Result<StreamingRecognizer, EngineError> {
+    let rec = model.model.streaming().with_partial_every(partial_every);
+    if !rec.is_chunked() || cfg.chunk_size.len() != 3 {
+        return Ok(rec);
+    }
+    let c = &cfg.chunk_size;
+    let chunk = ChunkConfig {
+        chunk_size: [c[0] as usize, c[1] as usize, c[2] as usize],
+        ..ChunkConfig::default()
+    };
+    rec.with_chunk_config(chunk)
+        .map_err(|e| EngineError::invalid("config.chunk_size", e.to_string()))
 }
 
 fn model_err(e: cadenza_paraformer::ParaformerError) -> EngineError {

@@ -374,36 +374,12 @@ impl Registry {
 
     /// A music model by name (empty name = the first).
     pub fn music(&self, name: &str) -> Result<Arc<MusicModel>, EngineError> {
-        let found = if name.is_empty() {
-            self.music.values().next()
-        } else {
-            self.music.get(name)
-        };
-        found.cloned().ok_or_else(|| EngineError::UnknownModel {
-            name: if name.is_empty() {
-                "(default music model)".into()
-            } else {
-                name.to_string()
-            },
-            available: self.music.keys().cloned().collect(),
-        })
+        lookup(&self.music, name, "music")
     }
 
     /// A speech-recognition model by name (empty name = the first).
     pub fn asr(&self, name: &str) -> Result<Arc<AsrModel>, EngineError> {
-        let found = if name.is_empty() {
-            self.asr.values().next()
-        } else {
-            self.asr.get(name)
-        };
-        found.cloned().ok_or_else(|| EngineError::UnknownModel {
-            name: if name.is_empty() {
-                "(default asr model)".into()
-            } else {
-                name.to_string()
-            },
-            available: self.asr.keys().cloned().collect(),
-        })
+        lookup(&self.asr, name, "asr")
     }
 
     /// A music model by name; an empty name picks the first model that runs `kind`'s
@@ -433,19 +409,7 @@ impl Registry {
 
     /// A codec by name (empty name = the only/first codec).
     pub fn codec(&self, name: &str) -> Result<Arc<CodecModel>, EngineError> {
-        let found = if name.is_empty() {
-            self.codecs.values().next()
-        } else {
-            self.codecs.get(name)
-        };
-        found.cloned().ok_or_else(|| EngineError::UnknownModel {
-            name: if name.is_empty() {
-                "(default codec)".into()
-            } else {
-                name.to_string()
-            },
-            available: self.codecs.keys().cloned().collect(),
-        })
+        lookup(&self.codecs, name, "codec")
     }
 }
 
@@ -759,6 +723,27 @@ fn load_codec(
         source: source.to_string(),
     };
     Ok(CodecModel { info, model })
+}
+
+/// A model by name from one kind's table; an empty name is the first (the default).
+fn lookup<T>(
+    table: &BTreeMap<String, Arc<T>>,
+    name: &str,
+    kind: &str,
+) -> Result<Arc<T>, EngineError> {
+    let found = if name.is_empty() {
+        table.values().next()
+    } else {
+        table.get(name)
+    };
+    found.cloned().ok_or_else(|| EngineError::UnknownModel {
+        name: if name.is_empty() {
+            format!("(default {kind} model)")
+        } else {
+            name.to_string()
+        },
+        available: table.keys().cloned().collect(),
+    })
 }
 
 #[cfg(test)]

@@ -164,6 +164,34 @@ impl Upstreams {
     }
 }
 
+impl Upstreams {
+    /// Routes a client-streaming call: reads the first message (which names the model, via
+    /// `model_of`), picks an upstream for it, and returns the call to forward there: the
+    /// first message, then the rest of the client's stream, with the client's headers.
+    async fn route_stream<M: Send + 'static>(
+        &self,
+        kind: &str,
+        request: Request<Streaming<M>>,
+        model_of: impl Fn(&M) -> Option<String>,
+    ) -> Result<
+        (
+            Channel,
+            Inflight,
+            Request<impl Stream<Item = M> + Send + 'static>,
+        ),
+        Status,
+    > {
+        let (meta, mut stream) = split(request);
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("invalid config: the stream ended before its first message")
+        })?;
+        let model = model_of(&first).unwrap_or_default();
+        let (ch, guard) = self.pick(kind, &model).await?;
+        let input = futures::stream::once(async move { first }).chain(inbound(stream));
+        Ok((ch, guard, forward(&meta, input)))
+    }
+}
+
 /// Copies the headers that travel to the upstream (deadline, priority).
 fn forward<T, U>(from: &Request<T>, msg: U) -> Request<U> {
     let mut req = Request::new(msg);
@@ -256,19 +284,12 @@ impl pb::codec_server::Codec for CodecProxy {
         &self,
         request: Request<Streaming<pb::StreamEncodeRequest>>,
     ) -> Result<Response<Self::StreamEncodeStream>, Status> {
-        let (meta, mut stream) = split(request);
-        // The model is in the first message: read it, then send it on ahead of the rest.
-        let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument("invalid config: the stream ended before its first message")
-        })?;
-        let model = first
-            .config
-            .as_ref()
-            .map(|c| name(&c.model).to_string())
-            .unwrap_or_default();
-        let (ch, guard) = self.0.pick("codec", &model).await?;
-        let input = futures::stream::once(async move { first }).chain(inbound(stream));
-        let req = forward(&meta, input);
+        let (ch, guard, req) = self
+            .0
+            .route_stream("codec", request, |m: &pb::StreamEncodeRequest| {
+                m.config.as_ref().map(|c| name(&c.model).to_string())
+            })
+            .await?;
         let s = self.client(ch).stream_encode(req).await?.into_inner();
         Ok(Response::new(relay(s, guard)))
     }
@@ -279,18 +300,12 @@ impl pb::codec_server::Codec for CodecProxy {
         &self,
         request: Request<Streaming<pb::StreamDecodeRequest>>,
     ) -> Result<Response<Self::StreamDecodeStream>, Status> {
-        let (meta, mut stream) = split(request);
-        let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument("invalid config: the stream ended before its first message")
-        })?;
-        let model = first
-            .config
-            .as_ref()
-            .map(|c| name(&c.model).to_string())
-            .unwrap_or_default();
-        let (ch, guard) = self.0.pick("codec", &model).await?;
-        let input = futures::stream::once(async move { first }).chain(inbound(stream));
-        let req = forward(&meta, input);
+        let (ch, guard, req) = self
+            .0
+            .route_stream("codec", request, |m: &pb::StreamDecodeRequest| {
+                m.config.as_ref().map(|c| name(&c.model).to_string())
+            })
+            .await?;
         let s = self.client(ch).stream_decode(req).await?.into_inner();
         Ok(Response::new(relay(s, guard)))
     }
@@ -332,22 +347,14 @@ impl pb::recognition_server::Recognition for RecognitionProxy {
         request: Request<Streaming<pb::RecognizeClientMsg>>,
     ) -> Result<Response<Self::StreamingRecognizeStream>, Status> {
         use pb::recognize_client_msg::Msg;
-        let (meta, mut stream) = split(request);
         // The model is in the first message (the config); the upstream validates the rest.
-        let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument("invalid config: the stream ended before its first message")
-        })?;
-        let model = match &first.msg {
-            Some(Msg::Config(c)) => c
-                .config
-                .as_ref()
-                .map(|c| name(&c.model).to_string())
-                .unwrap_or_default(),
-            _ => String::new(),
-        };
-        let (ch, guard) = self.0.pick("asr", &model).await?;
-        let input = futures::stream::once(async move { first }).chain(inbound(stream));
-        let req = forward(&meta, input);
+        let (ch, guard, req) = self
+            .0
+            .route_stream("asr", request, |m: &pb::RecognizeClientMsg| match &m.msg {
+                Some(Msg::Config(c)) => c.config.as_ref().map(|c| name(&c.model).to_string()),
+                _ => None,
+            })
+            .await?;
         let s = self.client(ch).streaming_recognize(req).await?.into_inner();
         Ok(Response::new(relay(s, guard)))
     }

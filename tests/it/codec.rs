@@ -270,6 +270,7 @@ async fn list_models() -> Result<()> {
     );
     let pf = all.iter().find(|m| m.name == "paraformer").unwrap();
     assert_eq!((pf.kind.as_str(), pf.sample_rate_hz), ("asr", 16000));
+    assert!(pf.parameters > 1000, "parameter count: {}", pf.parameters);
     let d = all.iter().find(|m| m.name == "default").unwrap();
     assert!(d.untrained);
     assert!(d.card.contains("random weights"), "{}", d.card);

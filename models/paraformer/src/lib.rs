@@ -94,6 +94,7 @@ pub struct Paraformer {
     frontend: Frontend,
     net: Network,
     tokens: Vec<String>,
+    num_parameters: usize,
     device: Device,
 }
 
@@ -155,7 +156,7 @@ impl Paraformer {
             },
             Some(cmvn),
         )?;
-        let vb = load_state_dict(&dir.join("model.pt"), device)?;
+        let (vb, num_parameters) = load_state_dict(&dir.join("model.pt"), device)?;
         let vocab = tokens.len();
         let net = Network::new(&config, vocab, vb)?;
         Ok(Paraformer {
@@ -163,8 +164,14 @@ impl Paraformer {
             frontend,
             net,
             tokens,
+            num_parameters,
             device: device.clone(),
         })
+    }
+
+    /// Values in the checkpoint (`model.pt`).
+    pub fn num_parameters(&self) -> usize {
+        self.num_parameters
     }
 
     /// The parsed `config.yaml`.
@@ -429,13 +436,15 @@ fn feats_slice(f: &Features, start: usize, n: usize) -> Features {
 
 /// Read the state dict of `model.pt`: a torch zip whose pickle is the state dict itself (as
 /// published) or a dict holding it under `state_dict` / `model` (FunASR training checkpoints).
-fn load_state_dict(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+/// The checkpoint's tensors and how many values they hold.
+fn load_state_dict(path: &Path, device: &Device) -> Result<(VarBuilder<'static>, usize)> {
     let mut last = None;
     for key in [None, Some("state_dict"), Some("model")] {
         match candle_core::pickle::read_all_with_key(path, key) {
             Ok(t) if !t.is_empty() => {
+                let n = t.iter().map(|(_, t)| t.elem_count()).sum();
                 let map = t.into_iter().collect();
-                return Ok(VarBuilder::from_tensors(map, DType::F32, device));
+                return Ok((VarBuilder::from_tensors(map, DType::F32, device), n));
             }
             Ok(_) => {}
             Err(e) => last = Some(e),

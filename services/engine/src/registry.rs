@@ -665,7 +665,7 @@ fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<Asr
         num_codebooks: 0,
         codebook_size: model.tokens().len(),
         bandwidths_kbps: vec![],
-        parameters: 0,
+        parameters: model.num_parameters() as u64,
         untrained: false,
         card: e.card.clone().unwrap_or(card),
         source: source.to_string(),

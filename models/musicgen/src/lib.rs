@@ -557,27 +557,7 @@ impl MusicGen {
             .tokenizer
             .as_ref()
             .ok_or_else(|| msg("this model directory has no tokenizer.json"))?;
-        let encs = prompts
-            .iter()
-            .map(|p| {
-                tok.encode(*p, true)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| msg(e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let l = encs.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut ids = vec![0u32; prompts.len() * l];
-        let mut mask = vec![0u32; prompts.len() * l];
-        for (b, e) in encs.iter().enumerate() {
-            for (i, &t) in e.iter().enumerate() {
-                ids[b * l + i] = t;
-                mask[b * l + i] = 1;
-            }
-        }
-        Ok((
-            Tensor::from_vec(ids, (prompts.len(), l), &self.device)?,
-            Tensor::from_vec(mask, (prompts.len(), l), &self.device)?,
-        ))
+        t5::tokenize_padded(tok, prompts, &self.device)
     }
 
     /// Conditioning for the LM: T5 states, projected, multiplied by the mask (as the reference

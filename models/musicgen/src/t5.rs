@@ -227,3 +227,33 @@ impl T5Encoder {
         self.final_norm.forward(&x)
     }
 }
+
+/// Tokenizes prompts with a T5 tokenizer into `(ids, mask)`, each `(B, L)` u32: ids padded
+/// right with 0 (T5's pad id) to the longest prompt, mask 1 on real tokens.
+pub fn tokenize_padded(
+    tok: &tokenizers::Tokenizer,
+    prompts: &[&str],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let encs = prompts
+        .iter()
+        .map(|p| {
+            tok.encode(*p, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let l = encs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = vec![0u32; prompts.len() * l];
+    let mut mask = vec![0u32; prompts.len() * l];
+    for (b, e) in encs.iter().enumerate() {
+        for (i, &t) in e.iter().enumerate() {
+            ids[b * l + i] = t;
+            mask[b * l + i] = 1;
+        }
+    }
+    Ok((
+        Tensor::from_vec(ids, (prompts.len(), l), device)?,
+        Tensor::from_vec(mask, (prompts.len(), l), device)?,
+    ))
+}

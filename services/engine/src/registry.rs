@@ -413,6 +413,29 @@ impl Registry {
     }
 }
 
+/// The files of an audiocraft-format model: its `state_dict.bin` (`source` is the file or its
+/// directory) and the `t5` and `codec` directories the entry names (relative to `base`).
+fn audiocraft_parts(
+    e: &ModelEntry,
+    source: &std::path::Path,
+    base: Option<&std::path::Path>,
+    format: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf), String> {
+    let dir =
+        |v: &Option<String>, what: &str| match v.as_deref().map(|v| ModelSource::parse(v, base)) {
+            Some(ModelSource::Path(p)) => Ok(p),
+            _ => Err(format!(
+                "format = \"{format}\" needs `{what}` = a directory"
+            )),
+        };
+    let ckpt = if source.is_dir() {
+        source.join("state_dict.bin")
+    } else {
+        source.to_path_buf()
+    };
+    Ok((ckpt, dir(&e.t5, "t5")?, dir(&e.codec, "codec")?))
+}
+
 fn load_music(
     e: &ModelEntry,
     source: &ModelSource,
@@ -449,26 +472,9 @@ fn load_music(
             (model, card_summary(emb.card), emb.untrained)
         }
         ModelSource::Path(dir) if e.format.as_deref() == Some("audiocraft") => {
-            let path = |p: &Option<String>, what: &str| -> Result<std::path::PathBuf, String> {
-                match p.as_deref().map(|p| ModelSource::parse(p, base)) {
-                    Some(ModelSource::Path(p)) => Ok(p),
-                    _ => Err(format!(
-                        "format = \"audiocraft\" needs `{what}` = a directory"
-                    )),
-                }
-            };
-            let ckpt = if dir.is_dir() {
-                dir.join("state_dict.bin")
-            } else {
-                dir.clone()
-            };
-            let model = MusicGen::load_audiocraft(
-                &ckpt,
-                &path(&e.t5, "t5")?,
-                &path(&e.codec, "codec")?,
-                device,
-            )
-            .map_err(|e| e.to_string())?;
+            let (ckpt, t5_dir, codec_dir) = audiocraft_parts(e, dir, base, "audiocraft")?;
+            let model = MusicGen::load_audiocraft(&ckpt, &t5_dir, &codec_dir, device)
+                .map_err(|e| e.to_string())?;
             let card = dir
                 .parent()
                 .and_then(|d| std::fs::read_to_string(d.join("README.md")).ok())
@@ -586,20 +592,7 @@ fn load_magnet(
             (model, params, card_summary(emb.card), emb.untrained)
         }
         ModelSource::Path(p) => {
-            let path = |v: &Option<String>, what: &str| -> Result<std::path::PathBuf, String> {
-                match v.as_deref().map(|v| ModelSource::parse(v, base)) {
-                    Some(ModelSource::Path(p)) => Ok(p),
-                    _ => Err(format!(
-                        "format = \"audiocraft-magnet\" needs `{what}` = a directory"
-                    )),
-                }
-            };
-            let ckpt = if p.is_dir() {
-                p.join("state_dict.bin")
-            } else {
-                p.clone()
-            };
-            let (t5_dir, codec_dir) = (path(&e.t5, "t5")?, path(&e.codec, "codec")?);
+            let (ckpt, t5_dir, codec_dir) = audiocraft_parts(e, p, base, "audiocraft-magnet")?;
             // Magnet::load_audiocraft's steps, keeping the parameter count.
             let codec =
                 cadenza_codecs::Encodec::load(&codec_dir, device).map_err(|e| e.to_string())?;

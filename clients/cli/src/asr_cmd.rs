@@ -199,13 +199,7 @@ fn seg_of_pb(h: pb::Hypothesis) -> Segment {
 async fn connect(
     server: &str,
 ) -> Result<pb::recognition_client::RecognitionClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(server.to_string())
-        .with_context(|| format!("bad server address {server}"))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot connect to {server} (is `cadenza serve` running? or use --local)")
-        })?;
+    let ch = crate::connect(server).await?;
     Ok(pb::recognition_client::RecognitionClient::new(ch)
         .max_decoding_message_size(1 << 30)
         .max_encoding_message_size(1 << 30))

@@ -178,10 +178,7 @@ pub async fn run(a: LoadArgs) -> Result<()> {
     } else {
         a.server.clone()
     };
-    let ch = tonic::transport::Endpoint::from_shared(server.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {server}"))?;
+    let ch = crate::connect(&server).await?;
     // Wait until the server has warmed up, and find the model's frame rate.
     let mut models = pb::models_client::ModelsClient::new(ch.clone());
     let mut health = tonic_health_client(ch.clone());

@@ -95,13 +95,7 @@ fn local_engine(args: &ClientArgs) -> Result<(Engine, String)> {
 async fn connect_codec(
     server: &str,
 ) -> Result<pb::codec_client::CodecClient<tonic::transport::Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(server.to_string())
-        .with_context(|| format!("bad server address {server}"))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot connect to {server} (is `cadenza serve` running? or use --local)")
-        })?;
+    let ch = crate::connect(server).await?;
     Ok(pb::codec_client::CodecClient::new(ch)
         .max_decoding_message_size(1 << 30)
         .max_encoding_message_size(1 << 30))
@@ -438,10 +432,7 @@ pub async fn list_models(args: &ClientArgs, json: bool) -> Result<()> {
         engine.shutdown();
         out
     } else {
-        let ch = tonic::transport::Endpoint::from_shared(args.server.clone())?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", args.server))?;
+        let ch = crate::connect(&args.server).await?;
         pb::models_client::ModelsClient::new(ch)
             .list_models(pb::ListModelsRequest {
                 kind: String::new(),

@@ -166,6 +166,17 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// Connects to a Cadenza server, with an error that says what to check.
+pub async fn connect(server: &str) -> Result<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(server.to_string())
+        .with_context(|| format!("bad server address {server}"))?
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot connect to {server} (is `cadenza serve` running? or use --local)")
+        })
+}
+
 /// Loads a configuration and starts an engine on it.
 pub fn start_engine(config: Option<&std::path::Path>) -> Result<(Config, cadenza_engine::Engine)> {
     let cfg = Config::load(config).map_err(anyhow::Error::msg)?;

@@ -253,15 +253,7 @@ async fn local(a: &MusicArgs) -> Result<Outcome> {
 }
 
 async fn remote(a: &MusicArgs) -> Result<Outcome> {
-    let ch = tonic::transport::Endpoint::from_shared(a.client.server.clone())?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {} (is `cadenza serve` running? or use --local)",
-                a.client.server
-            )
-        })?;
+    let ch = crate::connect(&a.client.server).await?;
     let mut client = pb::music_client::MusicClient::new(ch)
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);

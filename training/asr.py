@@ -44,9 +44,9 @@ def write_mvn(path: Path, shift, scale):
                     f"<Rescale> {n} {n}\n<LearnRateCoef> 0 [ {row(scale)} ]\n</Nnet>\n")
 
 
-def confs(smoke: bool):
+def confs(smoke: bool, blocks: int = 6):
     d = 64 if smoke else 144
-    enc = dict(output_size=d, attention_heads=4, linear_units=4 * d, num_blocks=2 if smoke else 6, dropout_rate=0.1,
+    enc = dict(output_size=d, attention_heads=4, linear_units=4 * d, num_blocks=2 if smoke else blocks, dropout_rate=0.1,
                positional_dropout_rate=0.1, attention_dropout_rate=0.1, input_layer="pe",
                pos_enc_class="SinusoidalPositionEncoder", normalize_before=True, kernel_size=11, sanm_shfit=0,
                selfattention_layer_type="sanm")
@@ -76,6 +76,11 @@ def load_paraformer(model_dir: Path):
 
 def main() -> int:
     p = base_args(__doc__, steps=2500, batch=16, ckpt_every=250)
+    p.add_argument("--enc-blocks", type=int, default=6, help="SAN-M encoder blocks")
+    # FunASR's own Paraformer recipes (egs/aishell/paraformer) train with a CTC branch of
+    # weight 0.3 on the encoder; it speeds up the encoder's convergence. Its weights
+    # (ctc.ctc_lo.*) stay in model.pt; inference does not read them.
+    p.add_argument("--ctc-weight", type=float, default=0.3, help="auxiliary CTC loss weight (0 = none)")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every = min(args.steps, 30), 4, 10
@@ -99,8 +104,8 @@ def main() -> int:
         allf = torch.cat(feats)
         write_mvn(dst / "am.mvn", (-allf.mean(0)).tolist(), (1.0 / (allf.std(0) + 1e-5)).tolist())
     fe = WavFrontend(cmvn_file=str(dst / "am.mvn"), **FRONTEND)
-    enc, dec, pred = confs(args.smoke)
-    model_conf = dict(ctc_weight=0.0, predictor_bias=1, sampling_ratio=0.75, predictor_weight=1.0)
+    enc, dec, pred = confs(args.smoke, args.enc_blocks)
+    model_conf = dict(ctc_weight=args.ctc_weight, predictor_bias=1, sampling_ratio=0.75, predictor_weight=1.0)
     config = dict(model="Paraformer", model_conf=model_conf, encoder="SANMEncoder", encoder_conf=enc,
                   decoder="ParaformerSANMDecoder", decoder_conf=dec, predictor="CifPredictorV2", predictor_conf=pred,
                   frontend="WavFrontend", frontend_conf=FRONTEND, tokenizer="CharTokenizer",
@@ -136,7 +141,7 @@ def main() -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        tr.end_step({k: float(v) for k, v in stats.items() if v is not None and k in ("loss", "loss_att", "loss_pre", "acc")},
+        tr.end_step({k: float(v) for k, v in stats.items() if v is not None and k in ("loss", "loss_att", "loss_pre", "loss_ctc", "acc")},
                     samples=args.batch)
     model.eval()
     torch.save(model.state_dict(), dst / "model.pt")

@@ -80,6 +80,9 @@ def base_args(desc: str, steps: int, batch: int, ckpt_every: int = 200) -> argpa
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps: proves the recipe end to end")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="train for this many minutes of wall time (over all resumes) instead of --steps: "
+                        "the learning-rate schedule runs over the time, and training stops when it is spent")
     return p
 
 
@@ -92,6 +95,7 @@ class Trainer:
         self.ckpt = args.out / "ckpt.pt"
         self.log = open(args.out / "train_log.jsonl", "a")
         self.step = 0
+        self.spent_s = 0.0  # wall seconds trained before this process (resume), for --budget-min
         self.extra = extra or {}
         if args.resume and self.ckpt.exists():
             st = torch.load(self.ckpt, weights_only=False)
@@ -99,22 +103,35 @@ class Trainer:
             opt.load_state_dict(st["opt"])
             self.step = st["step"]
             self.extra.update(st.get("extra", {}))
+            self.spent_s = st.get("spent_s", 0.0)
             torch.set_rng_state(st["rng"])
             print(f"resumed at step {self.step}", flush=True)
         self.t0 = time.time()
         self.step0 = self.step
-        sched_total = max(1, args.steps)
-        self.sched = lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / sched_total))))
+        self.budget_s = None if getattr(args, "budget_min", None) is None else args.budget_min * 60.0
+
+    def progress(self) -> float:
+        """Fraction of the run done: of the time budget with --budget-min, else of --steps."""
+        if self.budget_s is not None:
+            return min(1.0, (self.spent_s + time.time() - self.t0) / self.budget_s)
+        return min(1.0, self.step / max(1, self.args.steps))
 
     def lr_step(self):
+        """Linear warm-up over 50 steps, then cosine from lr to lr/10 over the run."""
+        f = min(1.0, (self.step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self.progress())))
         for g in self.opt.param_groups:
-            g["lr"] = self.args.lr * self.sched(self.step)
+            g["lr"] = self.args.lr * f
 
     def done(self) -> bool:
+        if self.budget_s is not None:
+            # decided once per step (in end_step), so the last step is always checkpointed
+            return self.step > 0 and self.step == getattr(self, "_stop_at", -1)
         return self.step >= self.args.steps
 
     def end_step(self, metrics: dict, samples: int) -> None:
         self.step += 1
+        if self.budget_s is not None and self.progress() >= 1.0:
+            self._stop_at = self.step
         el = time.time() - self.t0
         rate = (self.step - self.step0) / max(el, 1e-9)
         rec = dict(step=self.step, elapsed_s=round(el, 1), steps_per_s=round(rate, 4),
@@ -129,7 +146,8 @@ class Trainer:
     def save(self):
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(dict(model=self.model.state_dict(), opt=self.opt.state_dict(), step=self.step,
-                        rng=torch.get_rng_state(), extra=self.extra), tmp)
+                        rng=torch.get_rng_state(), extra=self.extra,
+                        spent_s=self.spent_s + time.time() - self.t0), tmp)
         os.replace(tmp, self.ckpt)
 
     def summary(self) -> dict:

@@ -124,6 +124,10 @@ def main() -> int:
     p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
     p.add_argument("--codec", type=Path, required=True)
     p.add_argument("--seconds", type=int, default=5, help="segment length = generation length (s)")
+    p.add_argument("--t5-from", type=Path, default=None,
+                   help="a MusicGen HF dir (musicgen.py's OUT/model): use its trained T5 and tokenizer, frozen "
+                        "(audiocraft's MAGNeT also keeps its T5 frozen); then the served MAGNeT can share that "
+                        "MusicGen's T5 and codec. Default: a new T5 trained jointly")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2
@@ -137,14 +141,23 @@ def main() -> int:
     train = [r for r in rows if r["split"] == "train"]
     args.out.mkdir(parents=True, exist_ok=True)
     codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")  # shared with the other LM recipe
-    tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
     cc = EncodecConfig.from_pretrained(args.codec)
     K, card, fr = cc.num_quantizers, cc.codebook_size, cc.frame_rate
     dim, layers = (64, 2) if args.smoke else (256, 4)
-    t5 = T5EncoderModel(t5_config(tok.get_vocab_size(), 64 if args.smoke else 128, 2))
+    if args.t5_from is not None:
+        from tokenizers import Tokenizer
+        from transformers import MusicgenForConditionalGeneration
+
+        tok = Tokenizer.from_file(str(args.t5_from / "tokenizer.json"))
+        t5 = MusicgenForConditionalGeneration.from_pretrained(args.t5_from).text_encoder
+        t5.requires_grad_(False)
+        t5.eval()
+    else:
+        tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
+        t5 = T5EncoderModel(t5_config(tok.get_vocab_size(), 64 if args.smoke else 128, 2))
     cfg = xp_cfg(dim, 4, layers, K, card, args.seconds, t5.config.d_model)
     lm = build(ac, cfg, tok, t5, fr)
-    opt = torch.optim.AdamW(lm.parameters(), lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW([q for q in lm.parameters() if q.requires_grad], lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
     args.lr = opt.param_groups[0]["lr"]
     tr = Trainer(args, lm, opt)
     rng = random.Random(args.seed + tr.step)
@@ -154,6 +167,8 @@ def main() -> int:
     n_params = sum(p.numel() for p in lm.parameters())
     print(f"magnet: {n_params:,} parameters (LM + T5), {len(train)} train clips", flush=True)
     lm.train()
+    if args.t5_from is not None:
+        t5.eval()  # frozen: no dropout either
     while not tr.done():
         tr.lr_step()
         picks = [rng.choice(train) for _ in range(args.batch)]

@@ -317,6 +317,11 @@ impl CrossKv {
         self.k.dim(0).unwrap_or(0)
     }
 
+    /// The device holding the K/V.
+    pub fn device(&self) -> &candle_core::Device {
+        self.k.device()
+    }
+
     /// The rows of several sessions' conditioning stacked into one batch, for a forward pass
     /// over all their rows. Shorter conditionings are padded to the longest with zero K/V and
     /// an additive mask of -1e9 there, so each row attends to exactly its own positions (the

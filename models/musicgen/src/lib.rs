@@ -219,6 +219,11 @@ impl Lm {
         self.card
     }
 
+    /// Decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Fresh caches for `batch` rows and `max_len` positions.
     pub fn caches(&self, batch: usize, max_len: usize, dev: &Device) -> Result<Vec<KvCache>> {
         let hd = self.dim / self.n_heads;

@@ -125,19 +125,41 @@ pub fn load_tokens(dir: &Path) -> Result<Vec<String>> {
 
 impl Paraformer {
     /// Load a FunASR Paraformer directory (`model.pt`, `config.yaml`, `am.mvn`, `tokens.json`
-    /// or `tokens.txt`). Unsupported options fail here, named.
+    /// or `tokens.txt`). Unsupported options fail here, named. A `model.safetensors` with the
+    /// same keys may stand in for `model.pt` (Cadenza's embedded defaults ship that way).
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
-        let config = Config::from_yaml(&read(&dir.join("config.yaml"))?)?;
-        config.validate()?;
+        let config = read(&dir.join("config.yaml"))?;
         let tokens = load_tokens(dir)?;
+        let cmvn = Cmvn::from_file(dir.join("am.mvn"))?;
+        let pt = dir.join("model.pt");
+        let st = dir.join("model.safetensors");
+        let tensors = if !pt.exists() && st.exists() {
+            candle_core::safetensors::load(&st, device)?
+        } else {
+            load_state_dict(&pt)?
+        };
+        Self::from_parts(&config, tokens, cmvn, tensors, device)
+    }
+
+    /// Build from the parts of a model directory already in memory: `config.yaml` text, the
+    /// token list, the CMVN statistics (`am.mvn`) and the state dict's tensors (FunASR keys;
+    /// any float dtype, computed in f32).
+    pub fn from_parts(
+        config_yaml: &str,
+        tokens: Vec<String>,
+        cmvn: Cmvn,
+        tensors: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = Config::from_yaml(config_yaml)?;
+        config.validate()?;
         if tokens.len() <= EOS as usize {
             return Err(ParaformerError::Config(format!(
                 "{} tokens: need at least <blank>, <s>, </s>",
                 tokens.len()
             )));
         }
-        let cmvn = Cmvn::from_file(dir.join("am.mvn"))?;
         let fc = &config.frontend_conf;
         let frontend = Frontend::new(
             FrontendConfig {
@@ -156,7 +178,17 @@ impl Paraformer {
             },
             Some(cmvn),
         )?;
-        let (vb, num_parameters) = load_state_dict(&dir.join("model.pt"), device)?;
+        // Training-only branches (the CTC head of `ctc_weight > 0` recipes) are not read.
+        let num_parameters = tensors
+            .iter()
+            .filter(|(k, _)| !k.starts_with("ctc."))
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let vocab = tokens.len();
         let net = Network::new(&config, vocab, vb)?;
         Ok(Paraformer {
@@ -436,16 +468,11 @@ fn feats_slice(f: &Features, start: usize, n: usize) -> Features {
 
 /// Read the state dict of `model.pt`: a torch zip whose pickle is the state dict itself (as
 /// published) or a dict holding it under `state_dict` / `model` (FunASR training checkpoints).
-/// The checkpoint's tensors and how many values they hold.
-fn load_state_dict(path: &Path, device: &Device) -> Result<(VarBuilder<'static>, usize)> {
+fn load_state_dict(path: &Path) -> Result<std::collections::HashMap<String, Tensor>> {
     let mut last = None;
     for key in [None, Some("state_dict"), Some("model")] {
         match candle_core::pickle::read_all_with_key(path, key) {
-            Ok(t) if !t.is_empty() => {
-                let n = t.iter().map(|(_, t)| t.elem_count()).sum();
-                let map = t.into_iter().collect();
-                return Ok((VarBuilder::from_tensors(map, DType::F32, device), n));
-            }
+            Ok(t) if !t.is_empty() => return Ok(t.into_iter().collect()),
             Ok(_) => {}
             Err(e) => last = Some(e),
         }

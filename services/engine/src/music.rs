@@ -6,7 +6,9 @@
 //! - `magnet`: MAGNeT, one decoding iteration (one forward pass with its CFG rows) per worker
 //!   step (phase `magnet_iter`; sessions at the same stage and length share one forward), and,
 //!   with rescoring, one teacher-forced pass of the autoregressive rescorer between two
-//!   iterations (phase `magnet_rescore`). Audio is sent once the last iteration ends.
+//!   iterations (phase `magnet_rescore`, keyed by the rescorer: the passes of every session
+//!   rescored by the same model share one forward over all their sequences). Audio is sent
+//!   once the last iteration ends.
 //! - `hybrid`: the first `prefix` frames by an autoregressive model sharing the codec (streamed
 //!   like `ar`; these sessions batch with plain `ar` sessions of that model), then MAGNeT for
 //!   the rest with the prefix as a prompt that is never re-masked (arXiv 2401.04577 §3.4; the
@@ -21,6 +23,7 @@ use cadenza_codecs::StreamDecoder;
 use cadenza_magnet::{DecodeParams, MagnetGeneration};
 use cadenza_musicgen::{GenerateParams, Generation};
 use cadenza_nn::sampling::SamplingParams;
+use cadenza_nn::transformer::CrossKv;
 use candle_core::{Device, Tensor};
 
 use crate::codec::{AudioInput, Codes};
@@ -210,8 +213,8 @@ struct MagnetRun {
     generation: Box<MagnetGeneration>,
     /// Snapshot before a batched step, restored if the step fails half-way.
     backup: Option<Box<MagnetGeneration>>,
-    /// The rescorer's conditioning, when rescoring.
-    rescore_cond: Option<Cond>,
+    /// The rescorer's cross-attention K/V of the prompt (with its CFG row), when rescoring.
+    rescore_cross: Option<Vec<CrossKv>>,
     /// Rescoring passes done.
     rescored: usize,
     /// The last iteration's tokens are rescored (the next step is an iteration).
@@ -410,14 +413,25 @@ impl MusicTask {
             ..plan.params.clone()
         };
         let generation = MagnetGeneration::new(&mg.lm, cond, None, params)?;
-        let rescore_cond = match &plan.rescorer {
-            Some((r, _)) => Some(self.ar_cond(r)?),
+        let rescore_cross = match &plan.rescorer {
+            Some((r, _)) => {
+                let ar = r.ar().ok_or_else(|| {
+                    EngineError::Internal("the rescorer is not autoregressive".into())
+                })?;
+                let (cond, mask) = self.ar_cond(r)?;
+                Some(cadenza_magnet::rescore::rescorer_cross(
+                    &ar.lm,
+                    &cond,
+                    ar.mask_cross_attention.then_some(&mask),
+                    ar.defaults.guidance_scale,
+                )?)
+            }
             None => None,
         };
         Ok(State::Magnet(Box::new(MagnetRun {
             generation: Box::new(generation),
             backup: None,
-            rescore_cond,
+            rescore_cross,
             rescored: 0,
             rescore_done: false,
             decoded_frames,
@@ -589,29 +603,98 @@ impl MusicTask {
     /// One rescoring pass: the rescorer's probabilities of the tokens now in the current
     /// stage, mixed into MAGNeT's before the next re-masking (paper §3.3).
     fn rescore(&self, run: &mut MagnetRun) -> Result<(), EngineError> {
-        let (r, magnet_weight) = self
+        let (r, _) = self
             .rescorer()
             .ok_or_else(|| EngineError::Internal("no rescorer".into()))?;
+        let mut probs = Self::rescore_probs(&r, &[&*run])?;
+        self.apply_rescore(run, probs.remove(0))
+    }
+
+    /// The rescorer `r`'s teacher-forced probabilities for several runs in one forward pass.
+    fn rescore_probs(
+        r: &MusicModel,
+        runs: &[&MagnetRun],
+    ) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
         let ar = r
             .ar()
             .ok_or_else(|| EngineError::Internal("the rescorer is not autoregressive".into()))?;
-        let (cond, mask) = run
-            .rescore_cond
-            .as_ref()
-            .ok_or_else(|| EngineError::Internal("no rescorer conditioning".into()))?;
-        let probs = cadenza_magnet::rescore::teacher_forced_probs(
+        let inputs = runs
+            .iter()
+            .map(|run| {
+                let cross = run.rescore_cross.as_deref().ok_or_else(|| {
+                    EngineError::Internal("no rescorer conditioning".into())
+                })?;
+                Ok(cadenza_magnet::rescore::RescoreInput {
+                    cross,
+                    frames: run.generation.frames(),
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok(cadenza_magnet::rescore::teacher_forced_probs_batch(
             &ar.lm,
             &ar.pattern,
-            cond,
-            ar.mask_cross_attention.then_some(mask),
-            run.generation.frames(),
+            &inputs,
             ar.defaults.guidance_scale,
-        )?;
+        )?)
+    }
+
+    /// Mixes a rescoring pass's probabilities (all codebooks) into the pending iteration.
+    fn apply_rescore(&self, run: &mut MagnetRun, probs: Vec<Vec<f32>>) -> Result<(), EngineError> {
+        let (_, magnet_weight) = self
+            .rescorer()
+            .ok_or_else(|| EngineError::Internal("no rescorer".into()))?;
         let s = run.generation.stage();
         run.generation.rescore(&probs[s], magnet_weight)?;
         run.rescored += 1;
         run.rescore_done = true;
         Ok(())
+    }
+
+    /// Batched `magnet_rescore`: one forward pass of the rescorer over every session's
+    /// sequence (all sessions of the batch rescore with the same model).
+    fn run_rescore_batch(items: &mut [&mut Self]) -> Vec<Result<Option<bool>, EngineError>> {
+        let Some((r, _)) = items[0].rescorer() else {
+            return items.iter_mut().map(|t| t.run()).collect();
+        };
+        let same = items.iter().all(|t| {
+            matches!(&t.state, State::Magnet(run) if t.needs_rescore(run))
+                && t.rescorer().is_some_and(|(m, _)| Arc::ptr_eq(&m, &r))
+        });
+        if !same {
+            return items.iter_mut().map(|t| t.run()).collect();
+        }
+        let probs = {
+            let runs: Vec<&MagnetRun> = items
+                .iter()
+                .filter_map(|t| match &t.state {
+                    State::Magnet(run) => Some(&**run),
+                    _ => None,
+                })
+                .collect();
+            Self::rescore_probs(&r, &runs)
+        };
+        match probs {
+            Ok(probs) => items
+                .iter_mut()
+                .zip(probs)
+                .map(|(t, p)| {
+                    let State::Magnet(mut run) = std::mem::replace(&mut t.state, State::Finished)
+                    else {
+                        return Err(EngineError::Internal("music session lost its state".into()));
+                    };
+                    t.apply_rescore(&mut run, p)?;
+                    t.after_magnet_step(run, false).map(Some)
+                })
+                .collect(),
+            // Nothing changed (the pass failed before any session was touched).
+            Err(e) => {
+                let msg = e.to_string();
+                items
+                    .iter()
+                    .map(|_| Err(EngineError::Internal(msg.clone())))
+                    .collect()
+            }
+        }
     }
 
     fn work(&mut self) -> Result<bool, EngineError> {
@@ -815,10 +898,7 @@ impl Stepper for MusicTask {
         match phase {
             Some("ar_step") => Self::run_ar_batch(items),
             Some("magnet_iter") => Self::run_magnet_batch(items),
-            // Rescoring passes run one session after another within the batched step: each is
-            // one teacher-forced forward over the whole sequence with the session's own text
-            // conditioning (batching them needs a padded multi-session forward of the
-            // rescorer, not done yet).
+            Some("magnet_rescore") => Self::run_rescore_batch(items),
             _ => items.iter_mut().map(|t| t.run()).collect(),
         }
     }

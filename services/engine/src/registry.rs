@@ -71,6 +71,18 @@ const EMBEDDED_MAGNET: &[EmbeddedMagnet] = &[EmbeddedMagnet {
     untrained: true,
 }];
 
+/// An embedded Paraformer: the files of a FunASR directory, with the weights as safetensors.
+struct EmbeddedAsr {
+    name: &'static str,
+    config_yaml: &'static str,
+    tokens_json: &'static str,
+    am_mvn: &'static str,
+    weights: &'static [u8],
+    card: &'static str,
+}
+
+const EMBEDDED_ASR: &[EmbeddedAsr] = &[];
+
 /// Names of the embedded models.
 pub fn embedded_names() -> Vec<&'static str> {
     EMBEDDED
@@ -78,6 +90,7 @@ pub fn embedded_names() -> Vec<&'static str> {
         .map(|m| m.name)
         .chain(EMBEDDED_MUSIC.iter().map(|m| m.name))
         .chain(EMBEDDED_MAGNET.iter().map(|m| m.name))
+        .chain(EMBEDDED_ASR.iter().map(|m| m.name))
         .collect()
 }
 
@@ -635,17 +648,42 @@ fn load_magnet(
 }
 
 fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<AsrModel, String> {
-    let ModelSource::Path(dir) = source else {
-        return Err("asr models load from a FunASR model directory (no embedded asr model)".into());
-    };
     if let Some(f) = e.format.as_deref().filter(|f| *f != "funasr") {
         return Err(format!("unknown asr format '{f}' (funasr)"));
     }
-    let model = cadenza_paraformer::Paraformer::load(dir, device).map_err(|e| e.to_string())?;
-    let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
-        .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
-        .map(|c| card_summary(&c))
-        .unwrap_or_default();
+    let (model, card) = match source {
+        ModelSource::Embedded(n) => {
+            let emb = EMBEDDED_ASR.iter().find(|m| m.name == n).ok_or_else(|| {
+                format!(
+                    "no embedded asr model '{n}' (embedded: {})",
+                    embedded_names().join(", ")
+                )
+            })?;
+            let tokens: Vec<String> = serde_json::from_str(emb.tokens_json)
+                .map_err(|e| format!("embedded tokens.json: {e}"))?;
+            let cmvn = cadenza_audio::Cmvn::parse(emb.am_mvn).map_err(|e| e.to_string())?;
+            let tensors = candle_core::safetensors::load_buffer(emb.weights, device)
+                .map_err(|e| e.to_string())?;
+            let model = cadenza_paraformer::Paraformer::from_parts(
+                emb.config_yaml,
+                tokens,
+                cmvn,
+                tensors,
+                device,
+            )
+            .map_err(|e| e.to_string())?;
+            (model, card_summary(emb.card))
+        }
+        ModelSource::Path(dir) => {
+            let model =
+                cadenza_paraformer::Paraformer::load(dir, device).map_err(|e| e.to_string())?;
+            let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
+                .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
+                .map(|c| card_summary(&c))
+                .unwrap_or_default();
+            (model, card)
+        }
+    };
     let lfr_n = model.config().frontend_conf.lfr_n.max(1) as f64;
     let shift_ms = model.config().frontend_conf.frame_shift as f64;
     let info = ModelInfo {

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Copy trained runs into models/pretrained/ as float16, the form the binary embeds.
+
+    /work/venv/ref/bin/python training/export_defaults.py --runs training/runs --out models/pretrained
+
+Reads RUNS/{codec,musicgen,magnet,asr}/model (whichever exist) and writes:
+
+| run | writes | format |
+|---|---|---|
+| codec | encodec-tiny/{config.json, model.safetensors} | Hugging Face EncodecModel |
+| musicgen | musicgen-tiny/{config.json, generation_config.json, tokenizer.json, model.safetensors} | Hugging Face MusicgenForConditionalGeneration |
+| magnet | magnet-tiny/state_dict.bin | audiocraft MAGNeT (`best_state` + `xp.cfg`); its T5 and codec are musicgen-tiny's (train with `magnet.py --t5-from`) |
+| asr | paraformer-tiny-en/{config.yaml, am.mvn, tokens.json, model.safetensors} | FunASR directory, with the state dict as safetensors (same keys as `model.pt`; the CTC training head dropped) |
+
+Floating-point tensors become float16 (halves the size; the loaders compute in float32).
+MODEL_CARD.md files are written by hand from the evaluation (training/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def half(state: dict) -> dict:
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def export_hf(src: Path, dst: Path, files: list[str]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy(src / f, dst / f)
+    save_file(half(load_file(str(src / "model.safetensors"))), str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    done = []
+    codec = args.runs / "codec" / "model"
+    if codec.exists():
+        export_hf(codec, args.out / "encodec-tiny", ["config.json"])
+        done.append("encodec-tiny")
+    mg = args.runs / "musicgen" / "model"
+    if mg.exists():
+        export_hf(mg, args.out / "musicgen-tiny", ["config.json", "generation_config.json", "tokenizer.json"])
+        done.append("musicgen-tiny")
+    mag = args.runs / "magnet" / "model"
+    if mag.exists():
+        pkg = torch.load(mag / "state_dict.bin", map_location="cpu", weights_only=False)
+        pkg["best_state"] = half(pkg["best_state"])
+        (args.out / "magnet-tiny").mkdir(parents=True, exist_ok=True)
+        torch.save(pkg, args.out / "magnet-tiny" / "state_dict.bin")
+        done.append("magnet-tiny")
+    asr = args.runs / "asr" / "model"
+    if asr.exists():
+        dst = args.out / "paraformer-tiny-en"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in ["config.yaml", "am.mvn", "tokens.json"]:
+            shutil.copy(asr / f, dst / f)
+        state = torch.load(asr / "model.pt", map_location="cpu")
+        state = {k: v for k, v in state.items() if not k.startswith("ctc.")}
+        save_file(half(state), str(dst / "model.safetensors"), metadata={"format": "pt"})
+        done.append("paraformer-tiny-en")
+    sizes = {n: sum(f.stat().st_size for f in (args.out / n).iterdir()) for n in done}
+    print(json.dumps(dict(exported=done, bytes=sizes, total_mb=round(sum(sizes.values()) / 1e6, 2))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,8 +36,8 @@ fn musicgen_24k() -> Result<PathBuf> {
     Ok(dst)
 }
 
-/// The test config plus the embedded MAGNeT placeholder (sharing the MusicGen fixture's codec,
-/// which is the embedded MusicGen's) and a MusicGen with another codec.
+/// The test config plus the embedded MAGNeT and the MusicGen whose T5 and codec it shares, and
+/// a MusicGen with another codec.
 fn magnet_config() -> Result<String> {
     Ok(format!(
         r#"{}
@@ -47,12 +47,17 @@ kind = "music"
 source = "{}"
 
 [[models]]
+name = "musicgen-tiny"
+kind = "music"
+source = "embedded:musicgen-tiny"
+
+[[models]]
 name = "magnet"
 kind = "music"
-source = "embedded:magnet-tiny-untrained"
+source = "embedded:magnet-tiny"
 [models.schedule]
-prefix_model = "musicgen"
-rescore_with = "musicgen"
+prefix_model = "musicgen-tiny"
+rescore_with = "musicgen-tiny"
 "#,
         crate::test_config(""),
         musicgen_24k()?.display()
@@ -158,7 +163,7 @@ async fn magnet_hybrid_and_rescored_return_audio_of_the_right_length() -> Result
     // Rescored by the MusicGen fixture: a rescoring pass between iterations.
     let mut s = magnet(&[3, 2, 2, 2]);
     s.rescore = Some(pb::Rescore {
-        model: model("musicgen"),
+        model: model("musicgen-tiny"),
         weight: 0.5,
         disabled: false,
     });
@@ -193,7 +198,7 @@ async fn greedy_magnet_through_the_server_equals_the_direct_decode() -> Result<(
         &[ModelEntry {
             name: "m".into(),
             kind: ModelKind::Music,
-            source: "embedded:magnet-tiny-untrained".into(),
+            source: "embedded:magnet-tiny".into(),
             card: None,
             format: None,
             t5: None,
@@ -295,7 +300,7 @@ async fn invalid_schedules_are_rejected_naming_the_field() -> Result<()> {
         ..Default::default()
     };
     let mut on_musicgen = req(magnet(&[]), 1.0);
-    on_musicgen.model = model("musicgen");
+    on_musicgen.model = model("musicgen-tiny");
     let mut ar_on_magnet = req(magnet(&[]), 1.0);
     ar_on_magnet.schedule = Some(pb::Schedule {
         kind: pb::schedule::Kind::Autoregressive as i32,
@@ -322,7 +327,7 @@ async fn invalid_schedules_are_rejected_naming_the_field() -> Result<()> {
         (req(rescore("nope", 0.3), 1.0), "schedule.rescore.model"),
         (req(rescore("magnet", 0.3), 1.0), "schedule.rescore.model"),
         (
-            req(rescore("musicgen", 1.5), 1.0),
+            req(rescore("musicgen-tiny", 1.5), 1.0),
             "schedule.rescore.weight",
         ),
         (other_prefix, "schedule.prefix_model"),
@@ -347,6 +352,42 @@ async fn invalid_schedules_are_rejected_naming_the_field() -> Result<()> {
         };
         assert_eq!(st.code(), Code::InvalidArgument, "{field}: {st:?}");
         assert!(st.message().contains(field), "{field}: {}", st.message());
+    }
+    srv.stop().await
+}
+
+/// Rescored sessions running at the same time share the rescorer's forward passes (phase
+/// `magnet_rescore`) and get exactly the tokens they get alone.
+#[tokio::test]
+async fn concurrent_rescored_sessions_equal_solo_ones() -> Result<()> {
+    let srv = TestServer::start(&magnet_config()?).await?;
+    let rescored = |prompt: &str, seed: u64| {
+        let mut s = magnet(&[3, 2, 2, 2]);
+        s.rescore = Some(pb::Rescore {
+            model: model("musicgen-tiny"),
+            weight: 0.3,
+            disabled: false,
+        });
+        let mut r = req(s, 0.6);
+        r.prompt = prompt.into();
+        r.sampling = Some(pb::Sampling {
+            seed,
+            ..Default::default()
+        });
+        r
+    };
+    let reqs = [
+        rescored("calm piano", 1),
+        rescored("a fast rock song with loud drums", 2),
+        rescored("folk tune on flute", 3),
+    ];
+    let mut solo = Vec::new();
+    for r in &reqs {
+        solo.push(run(&srv, r.clone()).await?.tokens.expect("tokens"));
+    }
+    let together = futures::future::try_join_all(reqs.iter().map(|r| run(&srv, r.clone()))).await?;
+    for (t, s) in together.iter().zip(&solo) {
+        assert_eq!(t.tokens.as_ref().expect("tokens"), s);
     }
     srv.stop().await
 }

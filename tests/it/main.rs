@@ -7,6 +7,7 @@
 
 mod asr;
 mod codec;
+mod defaults;
 mod errors;
 mod magnet;
 mod music;
@@ -82,7 +83,7 @@ source = "{n48}"
 [[models]]
 name = "default"
 kind = "codec"
-source = "embedded:encodec-tiny-untrained"
+source = "embedded:encodec-tiny"
 
 [[models]]
 name = "musicgen"

@@ -1,4 +1,4 @@
-"""A random-weight MusicGen for `cadenza bench load`: the embedded musicgen-tiny-untrained's T5,
+"""A random-weight MusicGen for `cadenza bench load`: the shipped musicgen-tiny's T5,
 tokenizer and codec with a larger random decoder (512 wide, 8 layers, 8 heads: 34 M parameters).
 
     /work/venv/ref/bin/python tools/bench/make_musicgen_random.py [OUT]   (default /tmp/mgsmall/model)
@@ -14,7 +14,7 @@ and run `cadenza bench load --local --config that.toml --streams 1,1,4,8,16 --ro
 """
 import json, shutil, sys, torch
 from transformers import MusicgenForConditionalGeneration, MusicgenConfig
-src = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "models/pretrained/musicgen-tiny-untrained")
+src = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "models/pretrained/musicgen-tiny")
 out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/mgsmall/model"
 tiny = MusicgenForConditionalGeneration.from_pretrained(src)
 cfg = tiny.config.to_dict()

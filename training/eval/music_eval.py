@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--cadenza", type=Path, default=None)
+    ap.add_argument("--cadenza-args", default="--local",
+                    help="with --cadenza: arguments after `music` (e.g. '--server http://127.0.0.1:50051 "
+                         "--schedule magnet')")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -95,8 +98,11 @@ def main() -> int:
         elif args.cadenza is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "m.wav"
-                subprocess.run([str(args.cadenza), "music", "--local", "--model", str(args.model), "--duration",
-                                str(args.seconds), "--output", str(out), r["text"]], check=True, capture_output=True)
+                import shlex
+
+                subprocess.run([str(args.cadenza), "music", *shlex.split(args.cadenza_args), "--model", str(args.model),
+                                "--duration", str(args.seconds), "--output", str(out), r["text"]],
+                               check=True, capture_output=True)
                 sr = 22050
                 y = load_audio(out, sr)
         elif args.kind == "hf":
@@ -120,7 +126,8 @@ def main() -> int:
                             key=f"{a['tonic']}:{a['mode']}", est_key=f"{tonic}:{mode}",
                             key_ok=(tonic == a["tonic"] and mode == a["mode"])))
     n = max(1, len(results))
-    report = dict(n=len(results), kind=args.kind, tempo_within_8pct=round(sum(r["tempo_ok"] for r in results) / n, 3),
+    report = dict(n=len(results), kind=args.kind, model=str(args.model),
+                  cadenza_args=args.cadenza_args if args.cadenza else None, tempo_within_8pct=round(sum(r["tempo_ok"] for r in results) / n, 3),
                   tempo_within_8pct_octave=round(sum(r["tempo_ok_octave"] for r in results) / n, 3),
                   key_exact=round(sum(r["key_ok"] for r in results) / n, 3),
                   seconds_per_clip=round(gen_time / n, 2), clips=results[:10])

@@ -20,11 +20,11 @@ struct EmbeddedModel {
 
 /// The models shipped inside the binary (`models/pretrained/`).
 const EMBEDDED: &[EmbeddedModel] = &[EmbeddedModel {
-    name: "encodec-tiny-untrained",
-    config_json: include_str!("../../../models/pretrained/encodec-tiny-untrained/config.json"),
-    weights: include_bytes!("../../../models/pretrained/encodec-tiny-untrained/model.safetensors"),
-    card: include_str!("../../../models/pretrained/encodec-tiny-untrained/MODEL_CARD.md"),
-    untrained: true,
+    name: "encodec-tiny",
+    config_json: include_str!("../../../models/pretrained/encodec-tiny/config.json"),
+    weights: include_bytes!("../../../models/pretrained/encodec-tiny/model.safetensors"),
+    card: include_str!("../../../models/pretrained/encodec-tiny/MODEL_CARD.md"),
+    untrained: false,
 }];
 
 /// An embedded MusicGen (Hugging Face directory files).
@@ -39,17 +39,15 @@ struct EmbeddedMusic {
 }
 
 const EMBEDDED_MUSIC: &[EmbeddedMusic] = &[EmbeddedMusic {
-    name: "musicgen-tiny-untrained",
-    config_json: include_str!("../../../models/pretrained/musicgen-tiny-untrained/config.json"),
+    name: "musicgen-tiny",
+    config_json: include_str!("../../../models/pretrained/musicgen-tiny/config.json"),
     generation_config_json: include_str!(
-        "../../../models/pretrained/musicgen-tiny-untrained/generation_config.json"
+        "../../../models/pretrained/musicgen-tiny/generation_config.json"
     ),
-    tokenizer_json: include_bytes!(
-        "../../../models/pretrained/musicgen-tiny-untrained/tokenizer.json"
-    ),
-    weights: include_bytes!("../../../models/pretrained/musicgen-tiny-untrained/model.safetensors"),
-    card: include_str!("../../../models/pretrained/musicgen-tiny-untrained/MODEL_CARD.md"),
-    untrained: true,
+    tokenizer_json: include_bytes!("../../../models/pretrained/musicgen-tiny/tokenizer.json"),
+    weights: include_bytes!("../../../models/pretrained/musicgen-tiny/model.safetensors"),
+    card: include_str!("../../../models/pretrained/musicgen-tiny/MODEL_CARD.md"),
+    untrained: false,
 }];
 
 /// An embedded MAGNeT: an audiocraft `state_dict.bin` LM that takes its T5 (and tokenizer)
@@ -64,11 +62,11 @@ struct EmbeddedMagnet {
 }
 
 const EMBEDDED_MAGNET: &[EmbeddedMagnet] = &[EmbeddedMagnet {
-    name: "magnet-tiny-untrained",
-    state_dict: include_bytes!("../../../models/pretrained/magnet-tiny-untrained/state_dict.bin"),
-    parts_from: "musicgen-tiny-untrained",
-    card: include_str!("../../../models/pretrained/magnet-tiny-untrained/MODEL_CARD.md"),
-    untrained: true,
+    name: "magnet-tiny",
+    state_dict: include_bytes!("../../../models/pretrained/magnet-tiny/state_dict.bin"),
+    parts_from: "musicgen-tiny",
+    card: include_str!("../../../models/pretrained/magnet-tiny/MODEL_CARD.md"),
+    untrained: false,
 }];
 
 /// An embedded Paraformer: the files of a FunASR directory, with the weights as safetensors.
@@ -81,7 +79,14 @@ struct EmbeddedAsr {
     card: &'static str,
 }
 
-const EMBEDDED_ASR: &[EmbeddedAsr] = &[];
+const EMBEDDED_ASR: &[EmbeddedAsr] = &[EmbeddedAsr {
+    name: "paraformer-tiny-en",
+    config_yaml: include_str!("../../../models/pretrained/paraformer-tiny-en/config.yaml"),
+    tokens_json: include_str!("../../../models/pretrained/paraformer-tiny-en/tokens.json"),
+    am_mvn: include_str!("../../../models/pretrained/paraformer-tiny-en/am.mvn"),
+    weights: include_bytes!("../../../models/pretrained/paraformer-tiny-en/model.safetensors"),
+    card: include_str!("../../../models/pretrained/paraformer-tiny-en/MODEL_CARD.md"),
+}];
 
 /// Names of the embedded models.
 pub fn embedded_names() -> Vec<&'static str> {
@@ -792,7 +797,7 @@ mod tests {
         let entries = vec![ModelEntry {
             name: "codec".into(),
             kind: ModelKind::Codec,
-            source: "embedded:encodec-tiny-untrained".into(),
+            source: "embedded:encodec-tiny".into(),
             card: None,
             format: None,
             t5: None,
@@ -802,8 +807,8 @@ mod tests {
         }];
         let reg = Registry::load(&entries, None, &Device::Cpu).unwrap();
         let m = reg.codec("codec").unwrap();
-        assert!(m.info.untrained);
-        assert_eq!(m.info.sample_rate, 24_000);
+        assert!(!m.info.untrained);
+        assert_eq!(m.info.sample_rate, 32_000);
         assert!(m.info.parameters > 0);
         assert!(matches!(
             reg.codec("nope"),

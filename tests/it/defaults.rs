@@ -31,7 +31,12 @@ async fn every_default_is_trained_and_has_a_card() -> Result<()> {
     names.sort();
     assert_eq!(
         names,
-        ["encodec-tiny", "magnet-tiny", "musicgen-tiny", "paraformer-tiny-en"]
+        [
+            "encodec-tiny",
+            "magnet-tiny",
+            "musicgen-tiny",
+            "paraformer-tiny-en"
+        ]
     );
     for d in &all {
         assert!(!d.untrained, "{} is marked untrained", d.name);
@@ -219,7 +224,10 @@ async fn default_asr_transcribes_held_out_voices() -> Result<()> {
         let e = cer(text, hyp.trim());
         edits += e * text.chars().count() as f64;
         chars += text.chars().count();
-        report.push(format!("{}: {text:?} -> {hyp:?} (CER {e:.3})", clip["voice"]));
+        report.push(format!(
+            "{}: {text:?} -> {hyp:?} (CER {e:.3})",
+            clip["voice"]
+        ));
     }
     let total = edits / chars as f64;
     assert!(

@@ -83,7 +83,10 @@ pub fn teacher_forced_probs_batch(
     let k = lm.num_codebooks();
     let card = lm.card();
     if pattern.num_codebooks() != k {
-        bail!("rescore: the pattern has {} codebooks, the rescorer {k}", pattern.num_codebooks())
+        bail!(
+            "rescore: the pattern has {} codebooks, the rescorer {k}",
+            pattern.num_codebooks()
+        )
     }
     let cfg = guidance > 1.0;
     let rows = if cfg { 2 } else { 1 };
@@ -97,7 +100,8 @@ pub fn teacher_forced_probs_batch(
             )
         }
         let t = frames[0].len();
-        if frames.iter().any(|f| f.len() != t) || frames.iter().flatten().any(|&c| c as usize > card)
+        if frames.iter().any(|f| f.len() != t)
+            || frames.iter().flatten().any(|&c| c as usize > card)
         {
             bail!(
                 "rescore: frames must be {k} rows of equal length with codes up to {card} (unknown)"

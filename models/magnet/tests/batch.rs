@@ -73,7 +73,8 @@ fn rescore_batch_equals_solo_passes() -> Result<()> {
     let hf = cadenza_musicgen::MusicGen::load_hf(&mg_dir, &dev)?;
     let (lm, pattern) = (&hf.lm, &hf.pattern);
     let card = lm.card() as u32;
-    let (ids, mask) = hf.tokenize(&["calm piano", "a fast rock song with drums and bass guitar"])?;
+    let (ids, mask) =
+        hf.tokenize(&["calm piano", "a fast rock song with drums and bass guitar"])?;
     let cond = hf.condition(&ids, &mask)?;
     let mask = mask.to_dtype(candle_core::DType::F32)?;
     let frames = |t: usize, seed: u32| -> Vec<Vec<u32>> {
@@ -101,7 +102,14 @@ fn rescore_batch_equals_solo_passes() -> Result<()> {
             let c = cond.narrow(0, row, 1)?;
             let m = mask.narrow(0, row, 1)?;
             crosses.push(rescorer_cross(lm, &c, Some(&m), guidance)?);
-            solo.push(teacher_forced_probs(lm, pattern, &c, Some(&m), f, guidance)?);
+            solo.push(teacher_forced_probs(
+                lm,
+                pattern,
+                &c,
+                Some(&m),
+                f,
+                guidance,
+            )?);
         }
         let inputs: Vec<RescoreInput> = crosses
             .iter()

@@ -621,9 +621,10 @@ impl MusicTask {
         let inputs = runs
             .iter()
             .map(|run| {
-                let cross = run.rescore_cross.as_deref().ok_or_else(|| {
-                    EngineError::Internal("no rescorer conditioning".into())
-                })?;
+                let cross = run
+                    .rescore_cross
+                    .as_deref()
+                    .ok_or_else(|| EngineError::Internal("no rescorer conditioning".into()))?;
                 Ok(cadenza_magnet::rescore::RescoreInput {
                     cross,
                     frames: run.generation.frames(),

@@ -128,16 +128,7 @@ pub async fn run(a: AsrArgs) -> Result<()> {
             let mut name = model.clone();
             while let Some(ev) = s.events.recv().await {
                 match ev.map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))? {
-                    AsrEvent::Hypothesis(h) if h.is_final => segs.push(Segment {
-                        text: h.text,
-                        start_s: h.start_s,
-                        end_s: h.end_s,
-                        words: h
-                            .words
-                            .into_iter()
-                            .map(|w| (w.text, w.start_s, w.end_s))
-                            .collect(),
-                    }),
+                    AsrEvent::Hypothesis(h) if h.is_final => segs.push(seg_of(h)),
                     AsrEvent::Done { model, .. } => name = model,
                     _ => {}
                 }
@@ -181,6 +172,20 @@ pub async fn run(a: AsrArgs) -> Result<()> {
         print_file(&a, &f.display().to_string(), &resp.model, &segs);
     }
     Ok(())
+}
+
+/// A final hypothesis of the in-process engine (`--local`, `--mic --local`) as printed.
+fn seg_of(h: cadenza_engine::Hypothesis) -> Segment {
+    Segment {
+        text: h.text,
+        start_s: h.start_s,
+        end_s: h.end_s,
+        words: h
+            .words
+            .into_iter()
+            .map(|w| (w.text, w.start_s, w.end_s))
+            .collect(),
+    }
 }
 
 fn seg_of_pb(h: pb::Hypothesis) -> Segment {
@@ -289,16 +294,7 @@ async fn mic(a: &AsrArgs) -> Result<()> {
         });
         while let Some(ev) = session.events.recv().await {
             match ev.map_err(|e| anyhow::anyhow!("{e}"))? {
-                AsrEvent::Hypothesis(h) if h.is_final => live.final_(&Segment {
-                    text: h.text,
-                    start_s: h.start_s,
-                    end_s: h.end_s,
-                    words: h
-                        .words
-                        .into_iter()
-                        .map(|w| (w.text, w.start_s, w.end_s))
-                        .collect(),
-                }),
+                AsrEvent::Hypothesis(h) if h.is_final => live.final_(&seg_of(h)),
                 AsrEvent::Hypothesis(h) => live.partial(&h.text),
                 _ => {}
             }

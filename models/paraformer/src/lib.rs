@@ -301,15 +301,7 @@ impl Paraformer {
             .copied()
             .filter(|&i| i != BLANK && i != SOS && i != EOS)
             .collect();
-        let tokens: Vec<String> = token_ids
-            .iter()
-            .map(|&i| {
-                self.tokens
-                    .get(i as usize)
-                    .cloned()
-                    .unwrap_or_else(|| "<unk>".into())
-            })
-            .collect();
+        let tokens = self.token_names(&token_ids);
         // Paraformer.inference passes (peaks, alphas) to the (us_alphas, us_peaks) parameters.
         let timestamps = text::ts_prediction_lfr6_standard(&cif.peaks, &cif.alphas, &tokens);
         let text = text::sentence_postprocess(&tokens);
@@ -321,18 +313,22 @@ impl Paraformer {
         }
     }
 
-    /// Transcript of token ids from chunked decoding (blank/sos/eos already removed), no
-    /// timestamps.
-    fn transcript_ids(&self, ids: &[u32]) -> Transcript {
-        let tokens: Vec<String> = ids
-            .iter()
+    /// The token strings of `ids` (`<unk>` for an id outside the list).
+    fn token_names(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter()
             .map(|&i| {
                 self.tokens
                     .get(i as usize)
                     .cloned()
                     .unwrap_or_else(|| "<unk>".into())
             })
-            .collect();
+            .collect()
+    }
+
+    /// Transcript of token ids from chunked decoding (blank/sos/eos already removed), no
+    /// timestamps.
+    fn transcript_ids(&self, ids: &[u32]) -> Transcript {
+        let tokens = self.token_names(ids);
         Transcript {
             token_ids: ids.to_vec(),
             text: text::sentence_postprocess(&tokens),

@@ -249,6 +249,15 @@ pub struct Registry {
     asr: BTreeMap<String, Arc<AsrModel>>,
 }
 
+/// The card summary of a model directory: its `MODEL_CARD.md`, else its `README.md` (Hugging
+/// Face layout), else empty.
+fn dir_card(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("MODEL_CARD.md"))
+        .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
+        .map(|c| card_summary(&c))
+        .unwrap_or_default()
+}
+
 /// First paragraph of a model card after its title, as a one-line summary.
 fn card_summary(card: &str) -> String {
     let mut lines = card
@@ -507,10 +516,7 @@ fn load_music(
                 ));
             }
             let model = MusicGen::load_hf(dir, device).map_err(|e| e.to_string())?;
-            let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
-                .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
-                .map(|c| card_summary(&c))
-                .unwrap_or_default();
+            let card = dir_card(dir);
             (model, card, false)
         }
     };
@@ -682,10 +688,7 @@ fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<Asr
         ModelSource::Path(dir) => {
             let model =
                 cadenza_paraformer::Paraformer::load(dir, device).map_err(|e| e.to_string())?;
-            let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
-                .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
-                .map(|c| card_summary(&c))
-                .unwrap_or_default();
+            let card = dir_card(dir);
             (model, card)
         }
     };
@@ -735,10 +738,7 @@ fn load_codec(
         }
         ModelSource::Path(dir) => {
             let model = Encodec::load(dir, device).map_err(|e| e.to_string())?;
-            let card = std::fs::read_to_string(dir.join("MODEL_CARD.md"))
-                .or_else(|_| std::fs::read_to_string(dir.join("README.md")))
-                .map(|c| card_summary(&c))
-                .unwrap_or_default();
+            let card = dir_card(dir);
             (model, card, false)
         }
     };

@@ -61,6 +61,9 @@ def main() -> int:
     p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
     p.add_argument("--codec", type=Path, required=True, help="HF EnCodec dir from codec.py")
     p.add_argument("--seconds", type=float, default=5.0, help="training segment length")
+    # magnet.py --t5-from reuses this model's T5; freezing it when continuing a run keeps a MAGNeT
+    # trained on that T5 valid (the optimiser state keeps its layout: frozen weights get no grad).
+    p.add_argument("--freeze-t5", action="store_true", help="keep the T5 text encoder fixed")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2.0
@@ -89,6 +92,8 @@ def main() -> int:
     model.audio_encoder.load_state_dict(codec.state_dict())
     model.audio_encoder.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("audio_encoder.")]
+    if args.freeze_t5:
+        model.text_encoder.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
     args.lr = opt.param_groups[0]["lr"]
     tr = Trainer(args, model, opt)
@@ -98,10 +103,13 @@ def main() -> int:
     print(f"musicgen: {n_lm:,} trainable parameters (decoder + T5 + projection), {len(train)} train clips", flush=True)
     model.train()
     model.audio_encoder.eval()
+    if args.freeze_t5:
+        model.text_encoder.eval()
     while not tr.done():
         tr.lr_step()
         segs, ids, mask, keep = sample_batch(train, codes, tok, args.batch, frames, rng, drop=0.15)
-        enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        with torch.set_grad_enabled(not args.freeze_t5):
+            enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         enc = enc * keep[:, None, None]
         mask = mask * keep[:, None]
         inp, lab = delay_batch(segs, card)
@@ -110,7 +118,7 @@ def main() -> int:
         loss = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
         opt.step()
         tr.end_step(dict(loss=loss.item()), samples=args.batch)
     model.eval()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Prompt adherence of a text-to-music model: tempo (librosa beat tracking) and key (Krumhansl).
+"""Prompt adherence of a text-to-music model: tempo (librosa beat tracking), key (Krumhansl) and,
+with --instrument-judge, the lead instrument (instrument_judge.py).
 
     /work/venv/ref/bin/python training/eval/music_eval.py --model DIR --manifest data/music/manifest.jsonl \
         [--kind hf|magnet|audio] [--n 50] [--seconds 8] [--cadenza BIN]
@@ -55,7 +56,15 @@ def main() -> int:
                     help="with --cadenza: arguments after `music` (e.g. '--server http://127.0.0.1:50051 "
                          "--schedule magnet')")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--instrument-judge", type=Path, default=None,
+                    help="a judge saved by instrument_judge.py: also score the caption's lead instrument")
     args = ap.parse_args()
+    judge = None
+    if args.instrument_judge is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import instrument_judge as ij
+
+        judge = ij.Judge.load(args.instrument_judge)
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     rows = read_manifest(args.manifest, "test")[: args.n]
@@ -120,7 +129,12 @@ def main() -> int:
         gen_time += time.time() - t0
         bpm, tonic, mode = estimate(y.astype(np.float32), sr)
         ratio = bpm / a["bpm"]
-        results.append(dict(prompt=r["text"], bpm=a["bpm"], est_bpm=round(bpm, 1),
+        inst = {}
+        if judge is not None:
+            yj = y.astype(np.float32) if sr == ij.SR else ij.load_audio_array(y.astype(np.float32), sr)
+            pred = judge.predict(ij.features(yj))[0]
+            inst = dict(instrument=a["instrument"], est_instrument=pred, instrument_ok=pred == a["instrument"])
+        results.append(dict(prompt=r["text"], bpm=a["bpm"], est_bpm=round(bpm, 1), **inst,
                             tempo_ok=abs(ratio - 1) <= 0.08,
                             tempo_ok_octave=any(abs(ratio * f - 1) <= 0.08 for f in (0.5, 1, 2)),
                             key=f"{a['tonic']}:{a['mode']}", est_key=f"{tonic}:{mode}",
@@ -130,6 +144,7 @@ def main() -> int:
                   cadenza_args=args.cadenza_args if args.cadenza else None, tempo_within_8pct=round(sum(r["tempo_ok"] for r in results) / n, 3),
                   tempo_within_8pct_octave=round(sum(r["tempo_ok_octave"] for r in results) / n, 3),
                   key_exact=round(sum(r["key_ok"] for r in results) / n, 3),
+                  instrument_agreement=(round(sum(r["instrument_ok"] for r in results) / n, 3) if judge else None),
                   seconds_per_clip=round(gen_time / n, 2), clips=results[:10])
     print(json.dumps(report, indent=1))
     return 0

@@ -50,14 +50,18 @@ def write_manifest(path, rows: list[dict]) -> None:
 
 def load_audio(path, sr: int) -> np.ndarray:
     """Mono float32 at `sr` (polyphase resampling)."""
+    x, r = sf.read(path, dtype="float32", always_2d=True)
+    return resample(x.mean(1), r, sr)
+
+
+def resample(x: np.ndarray, r: int, sr: int) -> np.ndarray:
+    """Float32 `x` from rate `r` to rate `sr` (polyphase; unchanged when the rates agree)."""
+    if r == sr:
+        return x.astype(np.float32, copy=False)
     from scipy.signal import resample_poly
 
-    x, r = sf.read(path, dtype="float32", always_2d=True)
-    x = x.mean(1)
-    if r != sr:
-        g = math.gcd(r, sr)
-        x = resample_poly(x, sr // g, r // g).astype(np.float32)
-    return x
+    g = math.gcd(r, sr)
+    return resample_poly(x, sr // g, r // g).astype(np.float32)
 
 
 def seed_all(seed: int) -> None:

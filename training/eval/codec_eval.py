@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import load_audio, read_manifest, write_manifest  # noqa: E402
+from common import load_audio, read_manifest, resample, write_manifest  # noqa: E402
 
 
 def si_sdr(ref: np.ndarray, est: np.ndarray) -> float:
@@ -47,7 +46,6 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=50)
     ap.add_argument("--write-decoded", type=Path, default=None)
     args = ap.parse_args()
-    from scipy.signal import resample_poly
     from transformers import EncodecModel
 
     torch.set_num_threads(2)
@@ -65,8 +63,7 @@ def main() -> int:
         res.append(dict(si_sdr=si_sdr(x, y), mel=mel_distance(x, y, sr)))
         if args.write_decoded:
             native = sf.info(r["path"]).samplerate
-            g = math.gcd(sr, native)
-            z = resample_poly(y, native // g, sr // g).astype(np.float32)
+            z = resample(y, sr, native)
             name = f"wav/{i:05d}.wav"
             sf.write(args.write_decoded / name, np.clip(z, -1, 1), native, subtype="PCM_16")
             out_rows.append(dict(r, path=name))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import codec_tokens, load_audio, read_manifest  # noqa: E402
+from common import codec_tokens, load_audio, read_manifest, resample  # noqa: E402
 
 SR = 22050
 
@@ -103,7 +103,7 @@ def main() -> int:
     for i, r in enumerate(rows):
         with torch.no_grad():
             y = codec.decode(codes[r["path"]][None, None, :, :frames], [None]).audio_values[0, 0].numpy()
-        feats[r["path"]] = features(load_audio_array(y, sr))
+        feats[r["path"]] = features(resample(y, sr, SR))
         if i % 200 == 0:
             print(f"decoded {i}/{len(rows)}", file=sys.stderr, flush=True)
     train = [r for r in rows if r["split"] == "train"]
@@ -122,16 +122,6 @@ def main() -> int:
                   chance_majority=round(max(np.mean([r["attributes"]["instrument"] == c for r in test]) for c in judge.classes), 3))
     print(json.dumps(report, indent=1))
     return 0
-
-
-def load_audio_array(y: np.ndarray, sr: int) -> np.ndarray:
-    """Resample a decoded clip to the judge's rate (the same polyphase resampler as load_audio)."""
-    import math
-
-    from scipy.signal import resample_poly
-
-    g = math.gcd(sr, SR)
-    return resample_poly(y, SR // g, sr // g).astype(np.float32)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import encode_captions, load_audio, read_manifest  # noqa: E402
+from common import encode_captions, load_audio, read_manifest, resample  # noqa: E402
 
 MAJ = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
 MIN = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
@@ -131,8 +131,7 @@ def main() -> int:
         ratio = bpm / a["bpm"]
         inst = {}
         if judge is not None:
-            yj = y.astype(np.float32) if sr == ij.SR else ij.load_audio_array(y.astype(np.float32), sr)
-            pred = judge.predict(ij.features(yj))[0]
+            pred = judge.predict(ij.features(resample(y.astype(np.float32), sr, ij.SR)))[0]
             inst = dict(instrument=a["instrument"], est_instrument=pred, instrument_ok=pred == a["instrument"])
         results.append(dict(prompt=r["text"], bpm=a["bpm"], est_bpm=round(bpm, 1), **inst,
                             tempo_ok=abs(ratio - 1) <= 0.08,

@@ -174,18 +174,10 @@ pub async fn run(a: AsrArgs) -> Result<()> {
     Ok(())
 }
 
-/// A final hypothesis of the in-process engine (`--local`, `--mic --local`) as printed.
+/// A final hypothesis of the in-process engine (`--local`, `--mic --local`) as printed: through
+/// the server's own engine → wire mapping, so `--local` prints exactly what a server would send.
 fn seg_of(h: cadenza_engine::Hypothesis) -> Segment {
-    Segment {
-        text: h.text,
-        start_s: h.start_s,
-        end_s: h.end_s,
-        words: h
-            .words
-            .into_iter()
-            .map(|w| (w.text, w.start_s, w.end_s))
-            .collect(),
-    }
+    seg_of_pb(cadenza_server::recognition::hypothesis_pb(h))
 }
 
 fn seg_of_pb(h: pb::Hypothesis) -> Segment {

@@ -69,7 +69,8 @@ fn asr_config(c: &pb::RecognitionConfig) -> AsrConfig {
     }
 }
 
-fn hypothesis_pb(h: Hypothesis) -> pb::Hypothesis {
+/// The one engine → wire mapping of a hypothesis (the CLI's `--local` printing goes through it too).
+pub fn hypothesis_pb(h: Hypothesis) -> pb::Hypothesis {
     pb::Hypothesis {
         segment: h.segment,
         revision: h.revision,

@@ -70,6 +70,28 @@ class Crops:
         return torch.from_numpy(out)
 
 
+class StftLoss(torch.nn.Module):
+    """Multi-resolution STFT loss (Parallel WaveGAN, Yamamoto et al. 2020): spectral convergence
+    plus log-magnitude L1 over three linear-frequency resolutions; complements the mel loss
+    above 4 kHz, where the mel filters are wide."""
+
+    def __init__(self, ffts=((512, 128), (1024, 256), (2048, 512))):
+        super().__init__()
+        self.ffts = ffts
+        for n, _ in ffts:
+            self.register_buffer(f"win{n}", torch.hann_window(n), persistent=False)
+
+    def forward(self, y, x):
+        loss = 0.0
+        for n, hop in self.ffts:
+            w = getattr(self, f"win{n}")
+            a = torch.stft(y, n, hop, window=w, return_complex=True).abs().clamp_min(1e-7)
+            b = torch.stft(x, n, hop, window=w, return_complex=True).abs().clamp_min(1e-7)
+            loss = loss + torch.linalg.norm(b - a) / torch.linalg.norm(b).clamp_min(1e-7)
+            loss = loss + F.l1_loss(torch.log(a), torch.log(b))
+        return loss / len(self.ffts)
+
+
 class MelLoss(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -148,6 +170,12 @@ def main() -> int:
     p = base_args(__doc__, steps=2500, batch=8, ckpt_every=200)
     p.add_argument("--seconds", type=float, default=1.0, help="crop length")
     p.add_argument("--filters", type=int, default=12, help="SEANet base channels (EnCodec: 32)")
+    # The music LMs are trained on this codec's tokens, so retraining the whole codec would
+    # invalidate them. Fine-tuning only the decoder keeps every token (encoder and codebooks are
+    # frozen) and spends all the compute on how tokens sound.
+    p.add_argument("--finetune-decoder", type=Path, default=None,
+                   help="HF EncodecModel directory: keep its encoder and codebooks fixed, train the decoder")
+    p.add_argument("--stft-weight", type=float, default=0.0, help="weight of the multi-resolution STFT loss")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every, args.filters = min(args.steps, 30), 4, 10, 8
@@ -155,27 +183,40 @@ def main() -> int:
     seed_all(args.seed)
     from transformers import EncodecModel
 
-    model = EncodecModel(codec_config(args.filters)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
+    if args.finetune_decoder is not None:
+        model = EncodecModel.from_pretrained(args.finetune_decoder).float().train()
+        for q in list(model.encoder.parameters()) + list(model.quantizer.parameters()):
+            q.requires_grad_(False)
+        params = list(model.decoder.parameters())
+    else:
+        model = EncodecModel(codec_config(args.filters)).train()
+        params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
     tr = Trainer(args, model, opt)
     data = Crops(args.data, args.seconds, args.seed + tr.step)
     mel = MelLoss()
+    stft = StftLoss()
+    frozen = args.finetune_decoder is not None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"codec: {n_params:,} parameters", flush=True)
     while not tr.done():
         tr.lr_step()
         x = data.batch(args.batch)
-        e = model.encoder(x)
-        q, commit, _ = quantize(model, e, train=True)
+        if frozen:
+            with torch.no_grad():
+                q, commit, _ = quantize(model, model.encoder(x), train=False)
+        else:
+            q, commit, _ = quantize(model, model.encoder(x), train=True)
         y = model.decoder(q)[..., : x.shape[-1]]
         l1 = F.l1_loss(y, x)
         lm = mel(y[:, 0], x[:, 0])
-        loss = l1 + lm + 0.25 * commit
+        ls = stft(y[:, 0], x[:, 0]) if args.stft_weight > 0 else torch.zeros(())
+        loss = l1 + lm + args.stft_weight * ls + (0.0 if frozen else 0.25 * commit)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        tr.end_step(dict(loss=loss.item(), l1=l1.item(), mel=lm.item(), commit=commit.item()),
+        tr.end_step(dict(loss=loss.item(), l1=l1.item(), mel=lm.item(), stft=ls.item(), commit=float(commit)),
                     samples=args.batch * args.seconds)
     model.eval()
     export(model, args.out / "model")

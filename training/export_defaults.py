@@ -12,6 +12,8 @@ Reads RUNS/{codec,musicgen,magnet,asr}/model (whichever exist) and writes:
 | magnet | magnet-tiny/state_dict.bin | audiocraft MAGNeT (`best_state` + `xp.cfg`); its T5 and codec are musicgen-tiny's (train with `magnet.py --t5-from`) |
 | asr | paraformer-tiny-en/{config.yaml, am.mvn, tokens.json, model.safetensors} | FunASR directory, with the state dict as safetensors (same keys as `model.pt`; the CTC training head dropped) |
 
+After exporting a codec, musicgen-tiny's embedded codec (`audio_encoder.*`, which magnet-tiny
+also decodes with) is overwritten with encodec-tiny's tensors, so all three decode alike.
 Floating-point tensors become float16 (halves the size; the loaders compute in float32).
 MODEL_CARD.md files are written by hand from the evaluation (training/README.md).
 """
@@ -53,6 +55,18 @@ def main() -> int:
     if mg.exists():
         export_hf(mg, args.out / "musicgen-tiny", ["config.json", "generation_config.json", "tokenizer.json"])
         done.append("musicgen-tiny")
+    if "encodec-tiny" in done and (args.out / "musicgen-tiny" / "model.safetensors").exists():
+        # MusicGen's safetensors carries its codec (audio_encoder.*), and magnet-tiny decodes with
+        # musicgen-tiny's: keep it identical to encodec-tiny (e.g. after codec.py --finetune-decoder).
+        mg_file = args.out / "musicgen-tiny" / "model.safetensors"
+        state = load_file(str(mg_file))
+        codec_state = load_file(str(args.out / "encodec-tiny" / "model.safetensors"))
+        missing = [k for k in codec_state if f"audio_encoder.{k}" not in state]
+        assert not missing, f"musicgen-tiny's codec lacks {missing[:3]}"
+        changed = sum(not torch.equal(state[f"audio_encoder.{k}"], v) for k, v in codec_state.items())
+        state.update({f"audio_encoder.{k}": v for k, v in codec_state.items()})
+        save_file(state, str(mg_file), metadata={"format": "pt"})
+        print(f"musicgen-tiny: {changed} codec tensors now match encodec-tiny", flush=True)
     mag = args.runs / "magnet" / "model"
     if mag.exists():
         pkg = torch.load(mag / "state_dict.bin", map_location="cpu", weights_only=False)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Trainer, base_args, load_audio, read_manifest, seed_all  # noqa: E402
+from common import Trainer, base_args, read_manifest, seed_all  # noqa: E402
 
 SR = 32000
 

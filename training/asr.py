@@ -30,25 +30,26 @@ TOKENS = ["<blank>", "<s>", "</s>"] + [c + "@@" for c in LETTERS] + LETTERS + ["
 FRONTEND = dict(fs=16000, window="hamming", n_mels=80, frame_length=25, frame_shift=10, lfr_m=7, lfr_n=3, dither=0.0)
 
 
-def text_to_ids(text: str, tokens: list[str] = TOKENS, bpe=None) -> list[int]:
+def continued(pieces: list[str], ends_word: bool = True) -> list[str]:
+    """The pieces of one word in the "@@" convention: every piece but a word's last carries "@@"."""
+    return [p + "@@" for p in pieces[:-1]] + [pieces[-1] if ends_word else pieces[-1] + "@@"]
+
+
+def text_to_ids(text: str, idx: dict[str, int] | None = None, bpe=None) -> list[int]:
     """Token ids of a transcript: letters, or BPE pieces when `bpe` (a `tokenizers` BPE) is given.
 
-    Either way every piece but the last of a word carries "@@". A BPE piece missing from
-    `tokens` (only possible in text the BPE was not trained on) falls back to its letters.
+    `idx` maps tokens to ids (default: the letters' TOKENS). A BPE piece missing from it (only
+    possible in text the BPE was not trained on) falls back to its letters.
     """
-    idx = {t: i for i, t in enumerate(tokens)}
+    idx = idx if idx is not None else {t: i for i, t in enumerate(TOKENS)}
     out = []
     for w in text.split():
         pieces = bpe.encode(w).tokens if bpe is not None else list(w)
-        marked = [p + "@@" for p in pieces[:-1]] + [pieces[-1]]
-        for k, t in enumerate(marked):
-            if t in idx:
+        for k, t in enumerate(continued(pieces)):
+            if t not in idx:
+                out += [idx.get(c, idx["<unk>"]) for c in continued(list(pieces[k]), k == len(pieces) - 1)]
+            else:
                 out.append(idx[t])
-                continue
-            chars = pieces[k]
-            last = k == len(pieces) - 1
-            out += [idx.get(c + "@@", idx["<unk>"]) for c in chars[:-1]]
-            out.append(idx.get(chars[-1] if last else chars[-1] + "@@", idx["<unk>"]))
     return out
 
 
@@ -67,7 +68,7 @@ def build_bpe(texts: list[str], vocab_size: int):
     for t in texts:
         for w in t.split():
             pieces = tok.encode(w).tokens
-            for p in [p + "@@" for p in pieces[:-1]] + [pieces[-1]]:
+            for p in continued(pieces):
                 seen[p] = seen.get(p, 0) + 1
     base = ["<blank>", "<s>", "</s>"] + [c + "@@" for c in LETTERS] + LETTERS
     extra = sorted((p for p in seen if p not in base and p != "<unk>"), key=lambda p: (-seen[p], p))
@@ -179,6 +180,7 @@ def main() -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     tr = Trainer(args, model, opt)
     rng = random.Random(args.seed + tr.step)
+    token_ids = {t: i for i, t in enumerate(tokens)}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"paraformer: {n_params:,} parameters, {len(tokens)} tokens, {len(train)} train utterances", flush=True)
     model.train()
@@ -201,7 +203,7 @@ def main() -> int:
                     feats[b, :, f0: f0 + rng.randint(0, 30)] = 0
                     t0 = rng.randint(0, max(0, int(fl[b]) - 10))
                     feats[b, t0: t0 + rng.randint(0, 5)] = 0
-        ids = [torch.tensor(text_to_ids(r["text"], tokens, bpe)) for r in picks]
+        ids = [torch.tensor(text_to_ids(r["text"], token_ids, bpe)) for r in picks]
         il = torch.tensor([len(i) for i in ids])
         y = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=-1)
         loss, stats, _ = model(feats, fl, y, il)

@@ -183,7 +183,8 @@ def main() -> int:
     seed_all(args.seed)
     from transformers import EncodecModel
 
-    if args.finetune_decoder is not None:
+    frozen = args.finetune_decoder is not None  # encoder and codebooks fixed: the tokens never change
+    if frozen:
         model = EncodecModel.from_pretrained(args.finetune_decoder).float().train()
         for q in list(model.encoder.parameters()) + list(model.quantizer.parameters()):
             q.requires_grad_(False)
@@ -196,7 +197,6 @@ def main() -> int:
     data = Crops(args.data, args.seconds, args.seed + tr.step)
     mel = MelLoss()
     stft = StftLoss()
-    frozen = args.finetune_decoder is not None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"codec: {n_params:,} parameters", flush=True)
     while not tr.done():

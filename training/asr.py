@@ -106,7 +106,16 @@ def load_paraformer(model_dir: Path):
     m = Paraformer(encoder=c["encoder"], encoder_conf=c["encoder_conf"], decoder=c["decoder"],
                    decoder_conf=c["decoder_conf"], predictor=c["predictor"], predictor_conf=c["predictor_conf"],
                    input_size=c["input_size"], vocab_size=len(tokens), **c["model_conf"])
-    m.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu"))
+    if (model_dir / "model.pt").exists():
+        sd = torch.load(model_dir / "model.pt", map_location="cpu")
+    else:  # the shipped defaults: the same keys as safetensors (float16)
+        from safetensors.torch import load_file
+
+        sd = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    # the training-only CTC head is not shipped (inference does not use it)
+    if unexpected or any(not k.startswith("ctc.") for k in missing):
+        raise RuntimeError(f"{model_dir}: missing {missing}, unexpected {unexpected}")
     fe = WavFrontend(cmvn_file=str(model_dir / "am.mvn"), **c["frontend_conf"])
     tok = CharTokenizer(token_list=tokens, unk_symbol="<unk>", split_with_space=True)
     return m.eval(), fe, tok
@@ -126,6 +135,10 @@ def main() -> int:
     # Letters make the non-autoregressive decoder spell each word from sound alone ("chick in
     # sup"); sub-word units (FunASR's English Paraformer uses BPE) let it emit whole common words
     # and fire the CIF about 2.5x less often. 0 = letters.
+    p.add_argument("--speed-perturb", default=None, metavar="LO,HI",
+                   help="speed perturbation: each utterance resampled by a factor drawn in [LO, HI] "
+                        "(0.01 steps) and read as 16 kHz, so it plays 1/factor as fast with pitch "
+                        "and formants moved together (Kaldi/FunASR-style; e.g. 0.85,1.15)")
     p.add_argument("--bpe", type=int, default=0, help="BPE vocabulary size for sub-word tokens (0 = letters)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="FunASR model directory to start from (e.g. a letters run): every tensor whose shape "
@@ -185,6 +198,12 @@ def main() -> int:
     print(f"paraformer: {n_params:,} parameters, {len(tokens)} tokens, {len(train)} train utterances", flush=True)
     model.train()
     pool: list[list[dict]] = []
+    sp = [float(v) for v in args.speed_perturb.split(",")] if args.speed_perturb else None
+
+    def rate() -> int:
+        """The rate an utterance is loaded at (16 kHz, or perturbed)."""
+        return 16000 if sp is None else int(round(16000 * round(rng.uniform(*sp), 2)))
+
     while not tr.done():
         tr.lr_step()
         if not pool:
@@ -192,7 +211,7 @@ def main() -> int:
             pool = [drawn[i: i + args.batch] for i in range(0, len(drawn), args.batch)]
             rng.shuffle(pool)
         picks = pool.pop()
-        waves = [torch.from_numpy(load_audio(r["path"], 16000)) for r in picks]
+        waves = [torch.from_numpy(load_audio(r["path"], rate())) for r in picks]
         wl = torch.tensor([len(w) for w in waves])
         x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
         with torch.no_grad():

@@ -205,6 +205,7 @@ async fn greedy_magnet_through_the_server_equals_the_direct_decode() -> Result<(
             codec: None,
             schedule: None,
             second_pass: None,
+            decoding: None,
         }],
         None,
         &Device::Cpu,

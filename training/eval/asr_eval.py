@@ -4,7 +4,8 @@
     /work/venv/ref/bin/python training/eval/asr_eval.py --model DIR --manifest data/speech/manifest.jsonl \
         [--split test] [--limit 200] [--cadenza /root/.cache/cadenza-target/release/cadenza] [--real]
 
-Decodes with the FunASR reference classes (or, with --cadenza, `cadenza asr --local --model DIR
+Decodes with the FunASR reference classes, with the beam search and n-gram LM of the directory's
+`decoding.yaml` when it has one (or, with --cadenza, `cadenza asr --local --model DIR
 --json FILE` per clip). --real adds the LibriVox / cards clips of Debian's pocketsphinx-testdata
 (real human speech; reported as it is). Prints one JSON object.
 """
@@ -65,11 +66,17 @@ def main() -> int:
     ap.add_argument("--cadenza", type=Path, default=None, help="decode with this cadenza binary instead")
     ap.add_argument("--real", action="store_true", help="also pocketsphinx-testdata (real speech)")
     ap.add_argument("--show", type=int, default=5)
+    ap.add_argument("--hyps", type=Path, default=None, help="also write every (ref, hyp) pair here (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows = read_manifest(args.manifest, args.split)[: args.limit]
     if args.cadenza is None:
         model, fe, tok = load_paraformer(args.model)
+        # the directory's decoding.yaml (beam search + n-gram LM), as Cadenza reads it
+        from asr_lm import funasr_beam_search
+
+        model.beam_search = funasr_beam_search(args.model, tok.token_list)
+        model.nbest = 1
 
     def decode(path: str) -> str:
         if args.cadenza is not None:
@@ -102,6 +109,8 @@ def main() -> int:
             report["pocketsphinx_testdata"] = score([r["text"] for r in rs], rh)
         else:
             report["pocketsphinx_testdata"] = "not installed (apt-get install pocketsphinx-testdata)"
+    if args.hyps:
+        args.hyps.write_text(json.dumps([dict(path=r["path"], ref=a, hyp=b) for r, a, b in zip(rows, refs, hyps)], indent=0))
     print(json.dumps(report, indent=1))
     return 0
 

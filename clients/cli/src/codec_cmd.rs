@@ -79,6 +79,7 @@ pub(crate) fn local_engine_of(args: &ClientArgs, kind: ModelKind) -> Result<(Eng
             t5: None,
             codec: None,
             second_pass: None,
+            decoding: None,
             schedule: None,
         }];
         let engine = Engine::start(cfg.engine, &cfg.models, None).map_err(anyhow::Error::msg)?;

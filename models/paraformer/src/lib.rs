@@ -32,6 +32,8 @@
 
 pub mod config;
 pub mod model;
+pub mod ngram;
+pub mod search;
 pub mod text;
 
 use std::path::Path;
@@ -45,6 +47,8 @@ use candle_nn::VarBuilder;
 pub use config::Config;
 pub use model::{ChunkConfig, CifOutput};
 use model::{CifChunkState, DecoderChunkState, EncoderChunkState, Network};
+pub use ngram::NgramLm;
+pub use search::DecodeOptions;
 
 /// Errors of loading or running a Paraformer.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +100,104 @@ pub struct Paraformer {
     tokens: Vec<String>,
     num_parameters: usize,
     device: Device,
+    decoding: DecodeOptions,
+}
+
+/// `decoding.yaml` of a model directory (Cadenza's; the keys are FunASR's / ESPnet's inference
+/// options): beam search with n-gram shallow fusion. Every key is optional; an absent file or
+/// `ngram_weight: 0` decodes greedily (the reference's default).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodingConfig {
+    /// Hypotheses kept per position (`beam_size`, default 10).
+    #[serde(default)]
+    pub beam_size: Option<usize>,
+    /// The ARPA file (plain or `.gz`), relative to the model directory (`ngram_file`).
+    #[serde(default)]
+    pub ngram_file: Option<String>,
+    /// Weight of the LM's log10 probabilities (`ngram_weight`).
+    #[serde(default)]
+    pub ngram_weight: Option<f32>,
+    /// Score added per token (`penalty`).
+    #[serde(default)]
+    pub penalty: Option<f32>,
+}
+
+impl DecodingConfig {
+    /// Parse `decoding.yaml` text.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        serde_yaml::from_str(text)
+            .map_err(|e| ParaformerError::Config(format!("decoding.yaml: {e}")))
+    }
+
+    /// `other`'s keys where it sets them, else this one's.
+    pub fn overridden_by(&self, other: &DecodingConfig) -> DecodingConfig {
+        DecodingConfig {
+            beam_size: other.beam_size.or(self.beam_size),
+            ngram_file: other.ngram_file.clone().or_else(|| self.ngram_file.clone()),
+            ngram_weight: other.ngram_weight.or(self.ngram_weight),
+            penalty: other.penalty.or(self.penalty),
+        }
+    }
+
+    /// The decoding options, with the LM built from `ngram` (the bytes of `ngram_file`, read
+    /// by the caller) over `tokens`. Checks the values.
+    pub fn options(&self, ngram: Option<&[u8]>, tokens: &[String]) -> Result<DecodeOptions> {
+        let beam_size = self.beam_size.unwrap_or(10);
+        let ngram_weight = self.ngram_weight.unwrap_or(0.0);
+        let penalty = self.penalty.unwrap_or(0.0);
+        if beam_size == 0 || beam_size > 100 {
+            return Err(ParaformerError::Config(format!(
+                "decoding: beam_size {beam_size} (1..=100)"
+            )));
+        }
+        if !ngram_weight.is_finite() || ngram_weight < 0.0 || !penalty.is_finite() {
+            return Err(ParaformerError::Config(format!(
+                "decoding: ngram_weight {ngram_weight} must be >= 0, penalty {penalty} finite"
+            )));
+        }
+        let ngram = match ngram {
+            Some(b) => Some(std::sync::Arc::new(NgramLm::from_bytes(b, tokens)?)),
+            None if ngram_weight > 0.0 => {
+                return Err(ParaformerError::Config(
+                    "decoding: ngram_weight > 0 needs an ngram_file".into(),
+                ));
+            }
+            None => None,
+        };
+        Ok(DecodeOptions {
+            beam_size,
+            ngram,
+            ngram_weight,
+            penalty,
+        })
+    }
+
+    /// Read a model directory's `decoding.yaml` (default: none) and its `ngram_file`.
+    pub fn load_options(
+        dir: &Path,
+        overrides: &DecodingConfig,
+        tokens: &[String],
+    ) -> Result<DecodeOptions> {
+        let file = dir.join("decoding.yaml");
+        let base = if file.exists() {
+            Self::from_yaml(&read(&file)?)?
+        } else {
+            DecodingConfig::default()
+        };
+        let cfg = base.overridden_by(overrides);
+        let bytes = match &cfg.ngram_file {
+            Some(f) => {
+                let p = dir.join(f);
+                Some(std::fs::read(&p).map_err(|source| ParaformerError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?)
+            }
+            None => None,
+        };
+        cfg.options(bytes.as_deref(), tokens)
+    }
 }
 
 const BLANK: u32 = 0;
@@ -125,9 +227,20 @@ pub fn load_tokens(dir: &Path) -> Result<Vec<String>> {
 
 impl Paraformer {
     /// Load a FunASR Paraformer directory (`model.pt`, `config.yaml`, `am.mvn`, `tokens.json`
-    /// or `tokens.txt`). Unsupported options fail here, named. A `model.safetensors` with the
-    /// same keys may stand in for `model.pt` (Cadenza's embedded defaults ship that way).
+    /// or `tokens.txt`; optionally Cadenza's `decoding.yaml` and the n-gram LM it names).
+    /// Unsupported options fail here, named. A `model.safetensors` with the same keys may stand
+    /// in for `model.pt` (Cadenza's embedded defaults ship that way).
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_with(dir, &DecodingConfig::default(), device)
+    }
+
+    /// [`load`](Self::load), with `overrides` on top of the directory's `decoding.yaml`
+    /// (a relative `ngram_file` resolves against the directory).
+    pub fn load_with(
+        dir: impl AsRef<Path>,
+        overrides: &DecodingConfig,
+        device: &Device,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = read(&dir.join("config.yaml"))?;
         let tokens = load_tokens(dir)?;
@@ -139,7 +252,19 @@ impl Paraformer {
         } else {
             load_state_dict(&pt)?
         };
-        Self::from_parts(&config, tokens, cmvn, tensors, device)
+        let decoding = DecodingConfig::load_options(dir, overrides, &tokens)?;
+        Ok(Self::from_parts(&config, tokens, cmvn, tensors, device)?.with_decoding(decoding))
+    }
+
+    /// This model with other decoding options (greedy by default; see [`DecodingConfig`]).
+    pub fn with_decoding(mut self, decoding: DecodeOptions) -> Self {
+        self.decoding = decoding;
+        self
+    }
+
+    /// The decoding options in use.
+    pub fn decoding(&self) -> &DecodeOptions {
+        &self.decoding
     }
 
     /// Build from the parts of a model directory already in memory: `config.yaml` text, the
@@ -198,6 +323,7 @@ impl Paraformer {
             tokens,
             num_parameters,
             device: device.clone(),
+            decoding: DecodeOptions::default(),
         })
     }
 
@@ -288,8 +414,14 @@ impl Paraformer {
         if cif.token_num == 0 {
             return Ok(Transcript::default());
         }
-        let logp = self.net.decoder.forward(&cif.embeds, &enc)?;
-        let ids: Vec<u32> = logp.squeeze(0)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        let logp = self.net.decoder.forward(&cif.embeds, &enc)?.squeeze(0)?;
+        if self.decoding.uses_beam_search() {
+            let am: Vec<f32> = logp.flatten_all()?.to_vec1()?;
+            let hyps = search::beam_search(&am, self.tokens.len(), EOS, &self.decoding);
+            let ids = hyps.first().map(|h| h.tokens.clone()).unwrap_or_default();
+            return Ok(self.transcript(&ids, &cif));
+        }
+        let ids: Vec<u32> = logp.argmax(candle_core::D::Minus1)?.to_vec1()?;
         Ok(self.transcript(&ids, &cif))
     }
 

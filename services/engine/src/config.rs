@@ -207,6 +207,11 @@ pub struct ModelEntry {
     /// (another `asr` entry's name; default: the model itself).
     #[serde(default)]
     pub second_pass: Option<String>,
+    /// `asr` models: beam search with an n-gram LM (`[models.decoding]`: `beam_size`,
+    /// `ngram_file`, `ngram_weight`, `penalty`), over the model's own `decoding.yaml`;
+    /// `ngram_weight = 0` decodes greedily.
+    #[serde(default)]
+    pub decoding: Option<cadenza_paraformer::DecodingConfig>,
 }
 
 /// The model families the engine can serve.

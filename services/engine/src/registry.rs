@@ -76,6 +76,9 @@ struct EmbeddedAsr {
     tokens_json: &'static str,
     am_mvn: &'static str,
     weights: &'static [u8],
+    /// `decoding.yaml` and the bytes of the `ngram_file` it names (beam search + n-gram LM).
+    decoding_yaml: &'static str,
+    ngram: &'static [u8],
     card: &'static str,
 }
 
@@ -85,6 +88,8 @@ const EMBEDDED_ASR: &[EmbeddedAsr] = &[EmbeddedAsr {
     tokens_json: include_str!("../../../models/pretrained/paraformer-tiny-en/tokens.json"),
     am_mvn: include_str!("../../../models/pretrained/paraformer-tiny-en/am.mvn"),
     weights: include_bytes!("../../../models/pretrained/paraformer-tiny-en/model.safetensors"),
+    decoding_yaml: include_str!("../../../models/pretrained/paraformer-tiny-en/decoding.yaml"),
+    ngram: include_bytes!("../../../models/pretrained/paraformer-tiny-en/ngram.arpa.gz"),
     card: include_str!("../../../models/pretrained/paraformer-tiny-en/MODEL_CARD.md"),
 }];
 
@@ -308,7 +313,7 @@ impl Registry {
                     reg.music.insert(e.name.clone(), Arc::new(m));
                 }
                 ModelKind::Asr => {
-                    let m = load_asr(e, &source, device).map_err(|err| {
+                    let m = load_asr(e, &source, base, device).map_err(|err| {
                         format!("loading model '{}' from {source}: {err}", e.name)
                     })?;
                     reg.asr.insert(e.name.clone(), Arc::new(m));
@@ -658,9 +663,22 @@ fn load_magnet(
     })
 }
 
-fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<AsrModel, String> {
+fn load_asr(
+    e: &ModelEntry,
+    source: &ModelSource,
+    base: Option<&std::path::Path>,
+    device: &Device,
+) -> Result<AsrModel, String> {
+    use cadenza_paraformer::{DecodingConfig, Paraformer};
     if let Some(f) = e.format.as_deref().filter(|f| *f != "funasr") {
         return Err(format!("unknown asr format '{f}' (funasr)"));
+    }
+    // a relative ngram_file of the configuration resolves against its folder, as `source`
+    let mut overrides = e.decoding.clone().unwrap_or_default();
+    if let (Some(f), Some(b)) = (overrides.ngram_file.as_mut(), base)
+        && std::path::Path::new(f.as_str()).is_relative()
+    {
+        *f = b.join(&*f).display().to_string();
     }
     let (model, card) = match source {
         ModelSource::Embedded(n) => {
@@ -675,19 +693,26 @@ fn load_asr(e: &ModelEntry, source: &ModelSource, device: &Device) -> Result<Asr
             let cmvn = cadenza_audio::Cmvn::parse(emb.am_mvn).map_err(|e| e.to_string())?;
             let tensors = candle_core::safetensors::load_buffer(emb.weights, device)
                 .map_err(|e| e.to_string())?;
-            let model = cadenza_paraformer::Paraformer::from_parts(
-                emb.config_yaml,
-                tokens,
-                cmvn,
-                tensors,
-                device,
-            )
-            .map_err(|e| e.to_string())?;
+            // the embedded decoding.yaml, under the entry's [models.decoding]
+            let cfg = DecodingConfig::from_yaml(emb.decoding_yaml)
+                .map_err(|e| e.to_string())?
+                .overridden_by(&overrides);
+            let file_lm = match &overrides.ngram_file {
+                Some(f) => Some(std::fs::read(f).map_err(|e| format!("ngram_file {f}: {e}"))?),
+                None => None,
+            };
+            let lm = file_lm
+                .as_deref()
+                .or(cfg.ngram_file.as_ref().map(|_| emb.ngram));
+            let decoding = cfg.options(lm, &tokens).map_err(|e| e.to_string())?;
+            let model = Paraformer::from_parts(emb.config_yaml, tokens, cmvn, tensors, device)
+                .map_err(|e| e.to_string())?
+                .with_decoding(decoding);
             (model, card_summary(emb.card))
         }
         ModelSource::Path(dir) => {
             let model =
-                cadenza_paraformer::Paraformer::load(dir, device).map_err(|e| e.to_string())?;
+                Paraformer::load_with(dir, &overrides, device).map_err(|e| e.to_string())?;
             let card = dir_card(dir);
             (model, card)
         }
@@ -792,6 +817,44 @@ mod tests {
         assert_eq!(card_summary(card), "UNTRAINED placeholder: random weights.");
     }
 
+    fn asr_entry(decoding: Option<&str>) -> ModelEntry {
+        ModelEntry {
+            name: "asr".into(),
+            kind: ModelKind::Asr,
+            source: "embedded:paraformer-tiny-en".into(),
+            card: None,
+            format: None,
+            t5: None,
+            codec: None,
+            second_pass: None,
+            decoding: decoding.map(|d| cadenza_paraformer::DecodingConfig::from_yaml(d).unwrap()),
+            schedule: None,
+        }
+    }
+
+    #[test]
+    fn embedded_asr_decodes_with_its_ngram_unless_overridden() {
+        let reg = Registry::load(&[asr_entry(None)], None, &Device::Cpu).unwrap();
+        let d = reg.asr("asr").unwrap().model.decoding().clone();
+        assert!(d.uses_beam_search(), "the default decodes with its LM");
+        assert_eq!((d.beam_size, d.ngram_weight), (8, 1.0));
+        assert_eq!(d.ngram.as_ref().map(|lm| lm.order()), Some(6));
+        // [models.decoding] ngram_weight = 0: greedy; beam_size alone keeps the LM
+        let e = asr_entry(Some("ngram_weight: 0.0"));
+        let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
+        assert!(!reg.asr("asr").unwrap().model.decoding().uses_beam_search());
+        let e = asr_entry(Some("beam_size: 3"));
+        let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
+        assert_eq!(reg.asr("asr").unwrap().model.decoding().beam_size, 3);
+        // a missing LM file or a bad value fails the load, named
+        let e = asr_entry(Some("ngram_file: /nonexistent/lm.arpa"));
+        let err = Registry::load(&[e], None, &Device::Cpu).unwrap_err();
+        assert!(err.contains("/nonexistent/lm.arpa"), "{err}");
+        let e = asr_entry(Some("ngram_weight: -1.0"));
+        let err = Registry::load(&[e], None, &Device::Cpu).unwrap_err();
+        assert!(err.contains("ngram_weight -1"), "{err}");
+    }
+
     #[test]
     fn embedded_default_loads() {
         let entries = vec![ModelEntry {
@@ -803,6 +866,7 @@ mod tests {
             t5: None,
             codec: None,
             second_pass: None,
+            decoding: None,
             schedule: None,
         }];
         let reg = Registry::load(&entries, None, &Device::Cpu).unwrap();
@@ -827,6 +891,7 @@ mod tests {
             t5: None,
             codec: None,
             second_pass: None,
+            decoding: None,
             schedule: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();
@@ -846,6 +911,7 @@ mod tests {
             t5: None,
             codec: None,
             second_pass: None,
+            decoding: None,
             schedule: None,
         }];
         let err = Registry::load(&entries, None, &Device::Cpu).unwrap_err();

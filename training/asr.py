@@ -113,7 +113,7 @@ def load_paraformer(model_dir: Path):
 
         sd = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}
     missing, unexpected = m.load_state_dict(sd, strict=False)
-    # the training-only CTC head is not shipped (inference does not use it)
+    # a directory without the CTC head (greedy / LM-only decoding needs none)
     if unexpected or any(not k.startswith("ctc.") for k in missing):
         raise RuntimeError(f"{model_dir}: missing {missing}, unexpected {unexpected}")
     fe = WavFrontend(cmvn_file=str(model_dir / "am.mvn"), **c["frontend_conf"])
@@ -126,7 +126,8 @@ def main() -> int:
     p.add_argument("--enc-blocks", type=int, default=6, help="SAN-M encoder blocks")
     # FunASR's own Paraformer recipes (egs/aishell/paraformer) train with a CTC branch of
     # weight 0.3 on the encoder; it speeds up the encoder's convergence. Its weights
-    # (ctc.ctc_lo.*) stay in model.pt; inference does not read them.
+    # (ctc.ctc_lo.*) stay in model.pt; greedy inference does not read them, joint CTC decoding
+    # (`decoding_ctc_weight` in decoding.yaml) does.
     p.add_argument("--ctc-weight", type=float, default=0.3, help="auxiliary CTC loss weight (0 = none)")
     # Utterances are 1-8.5 s long: a batch of 16 random ones is about half padding. Drawing a pool
     # of N batches at once and cutting it into batches of similar length (shuffled) saves most

@@ -240,10 +240,11 @@ def funasr_scorer(path: Path, token_list: list[str]):
     return NgramScorer(path, token_list)
 
 
-def funasr_beam_search(model_dir: Path, token_list: list[str]):
+def funasr_beam_search(model_dir: Path, token_list: list[str], model=None):
     """FunASR's `BeamSearchPara` as the model directory's `decoding.yaml` configures it (None
-    without the file or with `ngram_weight: 0`). Set it as `model.beam_search` (and
-    `model.nbest = 1`) and `Paraformer.inference` decodes with it."""
+    without the file, or with neither an LM nor a CTC weight in use). `decoding_ctc_weight`
+    needs `model` (its CTC layer). Set it as `model.beam_search` (and `model.nbest = 1`) and
+    `Paraformer.inference` decodes with it."""
     import yaml
     from funasr.models.paraformer.search import BeamSearchPara
     from funasr.models.transformer.scorers.length_bonus import LengthBonus
@@ -253,11 +254,19 @@ def funasr_beam_search(model_dir: Path, token_list: list[str]):
         return None
     c = yaml.safe_load(f.read_text()) or {}
     w = float(c.get("ngram_weight", 0.0))
-    if w <= 0:
+    cw = float(c.get("decoding_ctc_weight", 0.0))
+    if cw > 0 and (model is None or getattr(model, "ctc", None) is None):
+        cw = 0.0  # as Paraformer.inference: no CTC layer, no CTC scoring
+    if w <= 0 and cw <= 0:
         return None
-    scorers = dict(length_bonus=LengthBonus(len(token_list)),
-                   ngram=funasr_scorer(Path(model_dir) / c["ngram_file"], token_list))
-    weights = dict(decoder=1.0, ctc=0.0, lm=0.0, ngram=w, length_bonus=float(c.get("penalty", 0.0)))
+    scorers = dict(length_bonus=LengthBonus(len(token_list)))
+    if cw > 0:
+        from funasr.models.transformer.scorers.ctc import CTCPrefixScorer
+
+        scorers = dict(ctc=CTCPrefixScorer(ctc=model.ctc, eos=2), **scorers)
+    if w > 0:
+        scorers["ngram"] = funasr_scorer(Path(model_dir) / c["ngram_file"], token_list)
+    weights = dict(decoder=1.0 - cw, ctc=cw, lm=0.0, ngram=w, length_bonus=float(c.get("penalty", 0.0)))
     return BeamSearchPara(beam_size=int(c.get("beam_size", 10)), weights=weights, scorers=scorers,
                           sos=1, eos=2, vocab_size=len(token_list), token_list=token_list,
                           pre_beam_score_key="full")
@@ -273,7 +282,7 @@ def main() -> int:
     ap.add_argument("--n-train", type=int, default=10000, help="the speech generator's --n")
     ap.add_argument("--seed", type=int, default=0, help="the speech generator's --seed")
     ap.add_argument("--decoding", default=None,
-                    help="also write decoding.yaml: 'beam_size,ngram_weight' (e.g. 10,1.5)")
+                    help="also write decoding.yaml: 'beam_size,ngram_weight[,decoding_ctc_weight]' (e.g. 8,1.0,0.3)")
     args = ap.parse_args()
     t0 = time.time()
     out = args.out or args.model / "ngram.arpa"
@@ -290,11 +299,15 @@ def main() -> int:
     else:
         out.write_text(arpa)
     if args.decoding:
-        beam, w = args.decoding.split(",")
+        beam, w, *cw = args.decoding.split(",")
+        cw = float(cw[0]) if cw else 0.0
         (out.parent / "decoding.yaml").write_text(
-            "# Beam search with n-gram shallow fusion (FunASR/ESPnet BeamSearchPara + NgramFullScorer):\n"
-            "# score = decoder log-prob + ngram_weight * log10 P_ngram (+ penalty per token)\n"
-            f"beam_size: {int(beam)}\nngram_file: {out.name}\nngram_weight: {float(w)}\npenalty: 0.0\n")
+            "# Beam search with n-gram shallow fusion (FunASR BeamSearchPara + ESPnet NgramFullScorer)\n"
+            "# and joint CTC prefix scoring (CTCPrefixScorer, when the checkpoint has its CTC layer):\n"
+            "# score = decoder log-prob + ngram_weight * log10 P_ngram + decoding_ctc_weight * CTC prefix\n"
+            "# score (+ penalty per token)\n"
+            f"beam_size: {int(beam)}\nngram_file: {out.name}\nngram_weight: {float(w)}\n"
+            f"decoding_ctc_weight: {cw}\npenalty: 0.0\n")
     print(json.dumps(dict(sentences=len(texts), tokens=sum(map(len, seqs)), order=args.order, min_count=mc,
                           bytes=out.stat().st_size, seconds=round(time.time() - t0, 1))))
     return 0

@@ -10,7 +10,7 @@ Reads RUNS/{codec,musicgen,magnet,asr}/model (whichever exist) and writes:
 | codec | encodec-tiny/{config.json, model.safetensors} | Hugging Face EncodecModel |
 | musicgen | musicgen-tiny/{config.json, generation_config.json, tokenizer.json, model.safetensors} | Hugging Face MusicgenForConditionalGeneration |
 | magnet | magnet-tiny/state_dict.bin | audiocraft MAGNeT (`best_state` + `xp.cfg`); its T5 and codec are musicgen-tiny's (train with `magnet.py --t5-from`) |
-| asr | paraformer-tiny-en/{config.yaml, am.mvn, tokens.json, model.safetensors} | FunASR directory, with the state dict as safetensors (same keys as `model.pt`; the CTC training head dropped) |
+| asr | paraformer-tiny-en/{config.yaml, am.mvn, tokens.json, model.safetensors} | FunASR directory, with the state dict as safetensors (same keys as `model.pt`, the CTC head included for joint CTC decoding); `decoding.yaml` and the LM come from `asr_lm.py` |
 
 After exporting a codec, musicgen-tiny's embedded codec (`audio_encoder.*`, which magnet-tiny
 also decodes with) is overwritten with encodec-tiny's tensors, so all three decode alike.
@@ -80,8 +80,7 @@ def main() -> int:
         dst.mkdir(parents=True, exist_ok=True)
         for f in ["config.yaml", "am.mvn", "tokens.json"]:
             shutil.copy(asr / f, dst / f)
-        state = torch.load(asr / "model.pt", map_location="cpu")
-        state = {k: v for k, v in state.items() if not k.startswith("ctc.")}
+        state = torch.load(asr / "model.pt", map_location="cpu")  # with its CTC head (joint CTC decoding)
         save_file(half(state), str(dst / "model.safetensors"), metadata={"format": "pt"})
         done.append("paraformer-tiny-en")
     sizes = {n: sum(f.stat().st_size for f in (args.out / n).iterdir()) for n in done}

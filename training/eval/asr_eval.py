@@ -75,7 +75,7 @@ def main() -> int:
         # the directory's decoding.yaml (beam search + n-gram LM), as Cadenza reads it
         from asr_lm import funasr_beam_search
 
-        model.beam_search = funasr_beam_search(args.model, tok.token_list)
+        model.beam_search = funasr_beam_search(args.model, tok.token_list, model)
         model.nbest = 1
 
     def decode(path: str) -> str:

@@ -121,6 +121,10 @@ pub struct DecodingConfig {
     /// Score added per token (`penalty`).
     #[serde(default)]
     pub penalty: Option<f32>,
+    /// Weight of joint CTC prefix scoring (`decoding_ctc_weight`, 0..=1); used only when the
+    /// checkpoint has its CTC layer (`ctc.ctc_lo`), as FunASR.
+    #[serde(default)]
+    pub decoding_ctc_weight: Option<f32>,
 }
 
 impl DecodingConfig {
@@ -137,6 +141,7 @@ impl DecodingConfig {
             ngram_file: other.ngram_file.clone().or_else(|| self.ngram_file.clone()),
             ngram_weight: other.ngram_weight.or(self.ngram_weight),
             penalty: other.penalty.or(self.penalty),
+            decoding_ctc_weight: other.decoding_ctc_weight.or(self.decoding_ctc_weight),
         }
     }
 
@@ -146,6 +151,12 @@ impl DecodingConfig {
         let beam_size = self.beam_size.unwrap_or(10);
         let ngram_weight = self.ngram_weight.unwrap_or(0.0);
         let penalty = self.penalty.unwrap_or(0.0);
+        let ctc_weight = self.decoding_ctc_weight.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&ctc_weight) {
+            return Err(ParaformerError::Config(format!(
+                "decoding: decoding_ctc_weight {ctc_weight} (0..=1)"
+            )));
+        }
         if beam_size == 0 || beam_size > 100 {
             return Err(ParaformerError::Config(format!(
                 "decoding: beam_size {beam_size} (1..=100)"
@@ -170,6 +181,7 @@ impl DecodingConfig {
             ngram,
             ngram_weight,
             penalty,
+            ctc_weight,
         })
     }
 
@@ -303,7 +315,8 @@ impl Paraformer {
             },
             Some(cmvn),
         )?;
-        // Training-only branches (the CTC head of `ctc_weight > 0` recipes) are not read.
+        // The CTC head of `ctc_weight > 0` recipes is read (for joint CTC scoring) when present,
+        // but not counted: the recogniser's size is encoder, predictor and decoder.
         let num_parameters = tensors
             .iter()
             .filter(|(k, _)| !k.starts_with("ctc."))
@@ -415,9 +428,15 @@ impl Paraformer {
             return Ok(Transcript::default());
         }
         let logp = self.net.decoder.forward(&cif.embeds, &enc)?.squeeze(0)?;
-        if self.decoding.uses_beam_search() {
+        if self.decoding.uses_beam_search(self.net.ctc.is_some()) {
             let am: Vec<f32> = logp.flatten_all()?.to_vec1()?;
-            let hyps = search::beam_search(&am, self.tokens.len(), EOS, &self.decoding);
+            let ctc = if self.decoding.ctc_weight > 0.0 {
+                self.net.ctc_log_probs(&enc)?
+            } else {
+                None
+            };
+            let hyps =
+                search::beam_search(&am, self.tokens.len(), EOS, &self.decoding, ctc.as_deref());
             let ids = hyps.first().map(|h| h.tokens.clone()).unwrap_or_default();
             return Ok(self.transcript(&ids, &cif));
         }

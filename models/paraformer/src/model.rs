@@ -861,6 +861,9 @@ pub struct Network {
     pub predictor: Predictor,
     /// Parallel decoder.
     pub decoder: Decoder,
+    /// The CTC output layer (`ctc.ctc_lo`) of checkpoints trained with `ctc_weight > 0`, when
+    /// the state dict carries it: used only by joint CTC scoring (`decoding_ctc_weight`).
+    pub ctc: Option<Linear>,
 }
 
 impl Network {
@@ -871,7 +874,22 @@ impl Network {
             encoder: Encoder::new(cfg.input_size(), &cfg.encoder_conf, vb.pp("encoder"))?,
             predictor: Predictor::new(&cfg.predictor_conf, vb.pp("predictor"))?,
             decoder: Decoder::new(d, vocab, &cfg.decoder_conf, vb.pp("decoder"))?,
+            ctc: if vb.contains_tensor("ctc.ctc_lo.weight") {
+                Some(linear(d, vocab, vb.pp("ctc").pp("ctc_lo"))?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// CTC log-probabilities (`[T, vocab]`, row-major) of encoder output `[1, T, D]`, if the
+    /// checkpoint has the CTC layer (FunASR `CTC.log_softmax`).
+    pub fn ctc_log_probs(&self, enc: &Tensor) -> Result<Option<Vec<f32>>> {
+        let Some(ctc) = &self.ctc else {
+            return Ok(None);
+        };
+        let lp = candle_nn::ops::log_softmax(&ctc.forward(enc)?, D::Minus1)?;
+        Ok(Some(lp.flatten_all()?.to_vec1()?))
     }
 }
 

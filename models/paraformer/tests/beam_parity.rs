@@ -1,8 +1,9 @@
 //! Parity of the beam search with n-gram shallow fusion against FunASR's `BeamSearchPara` with
 //! ESPnet's `LengthBonus` and a kenlm-style ARPA scorer (fixtures written by
 //! `tools/fixtures/paraformer_beam.py`): the whole N-best list, tokens and scores, for beams of
-//! 1 to 10, LM weights 0.5 to 2, positive and negative length bonus, hypotheses that end early
-//! on `</s>` (end detection) and a model token the LM lacks.
+//! 1 to 10, LM weights 0 to 2, positive and negative length bonus, hypotheses that end early
+//! on `</s>` (end detection), a model token the LM lacks, and joint CTC prefix scoring (weights
+//! 0.3 to 1, with and without the pre-beam).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,9 @@ struct Case {
     beam_size: usize,
     ngram_weight: f32,
     penalty: f32,
+    ctc_weight: f32,
     am: Vec<Vec<f32>>,
+    ctc: Vec<Vec<f32>>,
     nbest: Vec<Hyp>,
 }
 
@@ -51,9 +54,12 @@ fn nbest_lists_match_funasr() -> Result<()> {
             ngram: Some(lm.clone()),
             ngram_weight: c.ngram_weight,
             penalty: c.penalty,
+            ctc_weight: c.ctc_weight,
         };
         let am: Vec<f32> = c.am.concat();
-        let got = beam_search(&am, fx.tokens.len(), fx.eos, &opts);
+        let ctc: Vec<f32> = c.ctc.concat();
+        let ctc = (!ctc.is_empty()).then_some(ctc.as_slice());
+        let got = beam_search(&am, fx.tokens.len(), fx.eos, &opts, ctc);
         assert_eq!(got.len(), c.nbest.len(), "{}: N-best size", c.name);
         for (k, (g, w)) in got.iter().zip(&c.nbest).enumerate() {
             assert_eq!(g.tokens, w.tokens, "{} hyp {k}", c.name);
@@ -87,7 +93,15 @@ fn decoding_yaml_is_checked() -> Result<()> {
         "unknown key"
     );
     let greedy = DecodingConfig::default().options(None, &toks)?;
-    assert!(!greedy.uses_beam_search());
+    assert!(!greedy.uses_beam_search(true));
+    let ctc = DecodingConfig::from_yaml("decoding_ctc_weight: 0.3\n")?.options(None, &toks)?;
+    assert!(ctc.uses_beam_search(true), "CTC alone runs the beam search");
+    assert!(
+        !ctc.uses_beam_search(false),
+        "not without the model's CTC layer (FunASR)"
+    );
+    let bad = DecodingConfig::from_yaml("decoding_ctc_weight: 1.5\n")?;
+    assert!(bad.options(None, &toks).is_err());
     let over = DecodingConfig::from_yaml("beam_size: 4\nngram_weight: 0.5\n")?
         .overridden_by(&DecodingConfig::from_yaml("ngram_weight: 0.0\n")?);
     assert_eq!(over.ngram_weight, Some(0.0));

@@ -207,9 +207,9 @@ pub struct ModelEntry {
     /// (another `asr` entry's name; default: the model itself).
     #[serde(default)]
     pub second_pass: Option<String>,
-    /// `asr` models: beam search with an n-gram LM (`[models.decoding]`: `beam_size`,
-    /// `ngram_file`, `ngram_weight`, `penalty`), over the model's own `decoding.yaml`;
-    /// `ngram_weight = 0` decodes greedily.
+    /// `asr` models: beam search with an n-gram LM and joint CTC scoring (`[models.decoding]`:
+    /// `beam_size`, `ngram_file`, `ngram_weight`, `decoding_ctc_weight`, `penalty`), over the
+    /// model's own `decoding.yaml`; both weights 0 decode greedily.
     #[serde(default)]
     pub decoding: Option<cadenza_paraformer::DecodingConfig>,
 }

@@ -836,13 +836,23 @@ mod tests {
     fn embedded_asr_decodes_with_its_ngram_unless_overridden() {
         let reg = Registry::load(&[asr_entry(None)], None, &Device::Cpu).unwrap();
         let d = reg.asr("asr").unwrap().model.decoding().clone();
-        assert!(d.uses_beam_search(), "the default decodes with its LM");
-        assert_eq!((d.beam_size, d.ngram_weight), (8, 1.0));
+        assert!(d.uses_beam_search(true), "the default decodes with its LM");
+        assert_eq!((d.beam_size, d.ngram_weight, d.ctc_weight), (8, 1.0, 0.3));
+        assert!(
+            reg.asr("asr").unwrap().model.network().ctc.is_some(),
+            "ships its CTC layer"
+        );
         assert_eq!(d.ngram.as_ref().map(|lm| lm.order()), Some(6));
         // [models.decoding] ngram_weight = 0: greedy; beam_size alone keeps the LM
         let e = asr_entry(Some("ngram_weight: 0.0"));
         let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
-        assert!(!reg.asr("asr").unwrap().model.decoding().uses_beam_search());
+        assert!(
+            !reg.asr("asr")
+                .unwrap()
+                .model
+                .decoding()
+                .uses_beam_search(false)
+        );
         let e = asr_entry(Some("beam_size: 3"));
         let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
         assert_eq!(reg.asr("asr").unwrap().model.decoding().beam_size, 3);

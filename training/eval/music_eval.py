@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--kind", default="hf", choices=["hf", "magnet", "audio"])
     ap.add_argument("--codec", type=Path, help="codec dir (magnet)")
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--split", default="test", help="manifest split of the captions (train: for tuning)")
     ap.add_argument("--skip", type=int, default=0,
                     help="start at this test caption (e.g. 50: the 22 captions after the reported 50, for tuning)")
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -69,7 +70,7 @@ def main() -> int:
         judge = ij.Judge.load(args.instrument_judge)
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
-    rows = read_manifest(args.manifest, "test")[args.skip: args.skip + args.n]
+    rows = read_manifest(args.manifest, args.split)[args.skip: args.skip + args.n]
     gen_time = 0.0
     if args.kind == "hf" and args.cadenza is None:
         from tokenizers import Tokenizer

@@ -67,7 +67,16 @@ def main() -> int:
     ap.add_argument("--real", action="store_true", help="also pocketsphinx-testdata (real speech)")
     ap.add_argument("--show", type=int, default=5)
     ap.add_argument("--hyps", type=Path, default=None, help="also write every (ref, hyp) pair here (JSON)")
+    ap.add_argument("--greedy", action="store_true",
+                    help="ignore the directory's decoding.yaml (argmax decoding, FunASR's default)")
     args = ap.parse_args()
+    if args.greedy and (args.model / "decoding.yaml").exists():
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp()) / args.model.name
+        shutil.copytree(args.model, tmp, ignore=shutil.ignore_patterns("decoding.yaml"))
+        args.model = tmp
     torch.set_num_threads(2)
     rows = read_manifest(args.manifest, args.split)[: args.limit]
     if args.cadenza is None:

@@ -224,11 +224,10 @@ pub fn beam_search(
             weighted.iter_mut().for_each(|w| *w += hyp.score);
             if do_pre_beam {
                 // tokens pruned by the pre-beam cannot be chosen
-                let keep: std::collections::HashSet<usize> = cands.iter().copied().collect();
-                for (c, w) in weighted.iter_mut().enumerate() {
-                    if !keep.contains(&c) {
-                        *w = f32::NEG_INFINITY;
-                    }
+                let mut keep = vec![false; vocab];
+                cands.iter().for_each(|&c| keep[c] = true);
+                for (w, _) in weighted.iter_mut().zip(&keep).filter(|(_, k)| !**k) {
+                    *w = f32::NEG_INFINITY;
                 }
             }
             for j in top_k(&mut order, &weighted, beam.min(vocab)) {

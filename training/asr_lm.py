@@ -45,11 +45,8 @@ def lm_texts(n_train: int = 10000, seed: int = 0) -> list[str]:
     `n_train`/`seed` must be the generator's `--n`/`--seed` (they fix its number sentences)."""
     import speech
 
-    rng = np.random.default_rng(seed)
-    sents = speech.text_sentences()
-    nums = speech.number_sentences(rng, max(200, n_train // 8))
-    pool = [s for _, s in sents] + nums
-    out = [speech.normalize(s) for s in pool if not speech.heldout_text(s)]
+    train, _ = speech.text_pool(np.random.default_rng(seed), n_train)
+    out = [speech.normalize(s) for _, s in train]
     return [t for t in out if t]
 
 

@@ -138,6 +138,15 @@ def heldout_text(s: str) -> bool:
     return int(hashlib.md5(normalize(s).encode()).hexdigest(), 16) % 20 == 0  # 5% of sentences
 
 
+def text_pool(rng: np.random.Generator, n: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) lists of (source, sentence): fortunes, WordNet and `rng`'s number
+    readings for a run of `n` training utterances, split by `heldout_text`."""
+    sents = text_sentences()
+    nums = number_sentences(rng, max(200, n // 8))
+    pool = [(s, t) for s, t in sents] + [("numbers", t) for t in nums]
+    return [p for p in pool if not heldout_text(p[1])], [p for p in pool if heldout_text(p[1])]
+
+
 # ----------------------------------------------------------------------------- synthesis
 
 def synth(job: dict) -> dict | None:
@@ -192,11 +201,7 @@ def main() -> int:
                     help="share of train/dev utterances spoken by flite voices (5 of the 88 voices)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    sents = text_sentences()
-    nums = number_sentences(rng, max(200, args.n // 8))
-    pool = [(s, t) for s, t in sents] + [("numbers", t) for t in nums]
-    train_text = [p for p in pool if not heldout_text(p[1])]
-    held_text = [p for p in pool if heldout_text(p[1])]
+    train_text, held_text = text_pool(rng, args.n)
     vs = voices()
     n_dev = n_test = max(20, args.n // 20)
     plan = [("train", train_text, vs, args.n), ("dev", held_text, vs, n_dev), ("test", held_text, HELD_OUT, n_test)]

@@ -185,6 +185,20 @@ impl DecodingConfig {
         })
     }
 
+    /// This configuration (a model's own) under `overrides` (a service configuration's), as
+    /// decoding options: `read_lm` gives the bytes of the `ngram_file` the merged configuration
+    /// names (none read when it names none).
+    pub fn resolve<'a>(
+        &self,
+        overrides: &DecodingConfig,
+        tokens: &[String],
+        read_lm: impl FnOnce(&str) -> Result<std::borrow::Cow<'a, [u8]>>,
+    ) -> Result<DecodeOptions> {
+        let cfg = self.overridden_by(overrides);
+        let bytes = cfg.ngram_file.as_deref().map(read_lm).transpose()?;
+        cfg.options(bytes.as_deref(), tokens)
+    }
+
     /// Read a model directory's `decoding.yaml` (default: none) and its `ngram_file`.
     pub fn load_options(
         dir: &Path,
@@ -197,18 +211,9 @@ impl DecodingConfig {
         } else {
             DecodingConfig::default()
         };
-        let cfg = base.overridden_by(overrides);
-        let bytes = match &cfg.ngram_file {
-            Some(f) => {
-                let p = dir.join(f);
-                Some(std::fs::read(&p).map_err(|source| ParaformerError::Io {
-                    path: p.display().to_string(),
-                    source,
-                })?)
-            }
-            None => None,
-        };
-        cfg.options(bytes.as_deref(), tokens)
+        base.resolve(overrides, tokens, |f| {
+            read_bytes(&dir.join(f)).map(std::borrow::Cow::Owned)
+        })
     }
 }
 
@@ -218,6 +223,14 @@ const EOS: u32 = 2;
 
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| ParaformerError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The bytes of a file, or [`ParaformerError::Io`] naming it.
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| ParaformerError::Io {
         path: path.display().to_string(),
         source,
     })

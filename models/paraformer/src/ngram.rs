@@ -158,13 +158,11 @@ impl NgramLm {
     /// The LM context of a token sequence (without `<s>`): its last `order - 1` words after `<s>`.
     pub fn context(&self, token_ids: &[u32]) -> Vec<u32> {
         let keep = self.order.saturating_sub(1);
-        let mut ctx: Vec<u32> = std::iter::once(self.bos)
-            .chain(token_ids.iter().map(|&t| self.word(t)))
-            .collect();
-        if ctx.len() > keep {
-            ctx.drain(..ctx.len() - keep);
-        }
-        ctx
+        let tail = &token_ids[token_ids.len().saturating_sub(keep)..];
+        let bos = (tail.len() < keep).then_some(self.bos); // <s> is in reach
+        bos.into_iter()
+            .chain(tail.iter().map(|&t| self.word(t)))
+            .collect()
     }
 
     /// Word id of a model token (`<unk>`'s for a token outside the list).

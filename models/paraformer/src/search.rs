@@ -121,7 +121,7 @@ impl CtcPrefix<'_> {
                 }
                 // log phi: paths of the prefix that may be followed by c
                 let phi = |t: usize| -> f32 {
-                    if out_len > 0 && last == Some(c) {
+                    if last == Some(c) {
                         prev.r[t][1]
                     } else {
                         r_sum[t]
@@ -151,7 +151,8 @@ impl CtcPrefix<'_> {
     }
 }
 
-/// One hypothesis: its tokens (without `<s>`), total score and whether it ended with `</s>`.
+/// One hypothesis: its tokens (without `<s>`; an ended one ends with `</s>`), its total score and,
+/// with CTC scoring, its CTC prefix state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hyp {
     /// Token ids after `<s>` (an ended hypothesis ends with `</s>`).
@@ -207,36 +208,36 @@ pub fn beam_search(
                     *w += opts.ngram_weight * l;
                 }
             }
-            // candidates: every token, or the pre-beam's best (torch.topk: descending)
-            let cands: Vec<usize> = if do_pre_beam {
-                top_k(&mut order, &weighted, pre_beam)
-            } else {
-                (0..vocab).collect()
-            };
-            let mut states: Vec<Option<CtcState>> = vec![None; vocab];
+            // the partial scorer (CTC) scores every token, or the pre-beam's best (torch.topk:
+            // descending); the others cannot be chosen
+            let mut states: Vec<Option<CtcState>> = Vec::new();
             if let (Some(sc), Some(prev)) = (&scorer, &hyp.ctc) {
-                let ext = sc.extend(&hyp.tokens, &cands, prev);
-                for (&c, st) in cands.iter().zip(ext) {
+                let cands: Vec<usize> = if do_pre_beam {
+                    top_k(&mut order, &weighted, pre_beam)
+                } else {
+                    (0..vocab).collect()
+                };
+                states = vec![None; vocab];
+                for (&c, st) in cands.iter().zip(sc.extend(&hyp.tokens, &cands, prev)) {
                     weighted[c] += opts.ctc_weight * (st.score - prev.score);
                     states[c] = Some(st);
                 }
-            }
-            weighted.iter_mut().for_each(|w| *w += hyp.score);
-            if do_pre_beam {
-                // tokens pruned by the pre-beam cannot be chosen
-                let mut keep = vec![false; vocab];
-                cands.iter().for_each(|&c| keep[c] = true);
-                for (w, _) in weighted.iter_mut().zip(&keep).filter(|(_, k)| !**k) {
+                for (w, _) in weighted
+                    .iter_mut()
+                    .zip(&states)
+                    .filter(|(_, st)| st.is_none())
+                {
                     *w = f32::NEG_INFINITY;
                 }
             }
+            weighted.iter_mut().for_each(|w| *w += hyp.score);
             for j in top_k(&mut order, &weighted, beam.min(vocab)) {
                 let mut tokens = hyp.tokens.clone();
                 tokens.push(j as u32);
                 best.push(Hyp {
                     tokens,
                     score: weighted[j],
-                    ctc: states[j].take(),
+                    ctc: states.get_mut(j).and_then(Option::take),
                 });
             }
             // sort and prune (a stable sort, as Python's sorted)

@@ -670,6 +670,7 @@ fn load_asr(
     device: &Device,
 ) -> Result<AsrModel, String> {
     use cadenza_paraformer::{DecodingConfig, Paraformer};
+    use std::borrow::Cow;
     if let Some(f) = e.format.as_deref().filter(|f| *f != "funasr") {
         return Err(format!("unknown asr format '{f}' (funasr)"));
     }
@@ -693,18 +694,16 @@ fn load_asr(
             let cmvn = cadenza_audio::Cmvn::parse(emb.am_mvn).map_err(|e| e.to_string())?;
             let tensors = candle_core::safetensors::load_buffer(emb.weights, device)
                 .map_err(|e| e.to_string())?;
-            // the embedded decoding.yaml, under the entry's [models.decoding]
-            let cfg = DecodingConfig::from_yaml(emb.decoding_yaml)
-                .map_err(|e| e.to_string())?
-                .overridden_by(&overrides);
-            let file_lm = match &overrides.ngram_file {
-                Some(f) => Some(std::fs::read(f).map_err(|e| format!("ngram_file {f}: {e}"))?),
-                None => None,
-            };
-            let lm = file_lm
-                .as_deref()
-                .or(cfg.ngram_file.as_ref().map(|_| emb.ngram));
-            let decoding = cfg.options(lm, &tokens).map_err(|e| e.to_string())?;
+            // the embedded decoding.yaml and LM, under the entry's [models.decoding] (whose
+            // ngram_file, when it names one, is a file)
+            let decoding = DecodingConfig::from_yaml(emb.decoding_yaml)
+                .and_then(|cfg| {
+                    cfg.resolve(&overrides, &tokens, |f| match overrides.ngram_file {
+                        Some(_) => cadenza_paraformer::read_bytes(f.as_ref()).map(Cow::Owned),
+                        None => Ok(Cow::Borrowed(emb.ngram)),
+                    })
+                })
+                .map_err(|e| e.to_string())?;
             let model = Paraformer::from_parts(emb.config_yaml, tokens, cmvn, tensors, device)
                 .map_err(|e| e.to_string())?
                 .with_decoding(decoding);

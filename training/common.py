@@ -162,11 +162,18 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- captions / text encoder
 
-def build_caption_tokenizer(captions: list[str], vocab_size: int):
+def build_caption_tokenizer(captions: list[str], vocab_size: int, words: bool = False):
     """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2; appends </s>) trained on the captions.
 
     Same pipeline as tools/fixtures/musicgen.py (NFKC + Strip, Metaspace): no regex, so the Rust
     `tokenizers` crate reads it without onig.
+
+    `words=False` (what the first musicgen-tiny / magnet-tiny were trained with) runs
+    `tokenizers`' UnigramTrainer, which on this small closed caption language stops at about
+    100 pieces whatever `vocab_size` asks: mostly single letters ("cello" -> c e l l o, "150"
+    -> 15 0). `words=True` builds the Unigram model directly instead: every caption word is one
+    piece scored by its log frequency (so "cello", "150" and "bpm" are single tokens), plus every
+    character at a low score so unseen words still spell out; `vocab_size` is then unused.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -175,9 +182,21 @@ def build_caption_tokenizer(captions: list[str], vocab_size: int):
                                            normalizers.Strip(left=True, right=True)])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
-    tok.train_from_iterator(sorted(set(captions)), trainer=trainer)
+    if words:
+        count: dict[str, int] = {}
+        for c in captions:
+            for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(c)):
+                count[w] = count.get(w, 0) + 1
+        total = sum(count.values())
+        pieces = sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))
+        chars = sorted({ch for w in count for ch in w} - set(count))
+        vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+        vocab += [(w, math.log(n / total)) for w, n in pieces] + [(ch, -30.0) for ch in chars]
+        tok.model = models.Unigram(vocab, unk_id=2, byte_fallback=False)
+    else:
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                          unk_token="<unk>", show_progress=False)
+        tok.train_from_iterator(sorted(set(captions)), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
     assert tok.token_to_id("<pad>") == 0 and tok.token_to_id("</s>") == 1

@@ -64,6 +64,12 @@ def main() -> int:
     # magnet.py --t5-from reuses this model's T5; freezing it when continuing a run keeps a MAGNeT
     # trained on that T5 valid (the optimiser state keeps its layout: frozen weights get no grad).
     p.add_argument("--freeze-t5", action="store_true", help="keep the T5 text encoder fixed")
+    p.add_argument("--word-tokenizer", action="store_true",
+                   help="one caption word = one token (common.build_caption_tokenizer(words=True)); "
+                        "the default trains tokenizers' UnigramTrainer, which ends near letters here")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="HF MusicGen directory whose decoder and projection start this run (the T5 "
+                        "starts fresh, for a new tokenizer); a fresh optimiser and schedule")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2.0
@@ -76,7 +82,9 @@ def main() -> int:
     train = [r for r in rows if r["split"] == "train"]
     args.out.mkdir(parents=True, exist_ok=True)
     codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")  # shared with the other LM recipe
-    tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400)
+    tok = build_caption_tokenizer([r["text"] for r in rows], vocab_size=120 if args.smoke else 400,
+                                  words=args.word_tokenizer)
+    tok.save(str(args.out / "tokenizer.json"))  # for snapshots of OUT/ckpt.pt before the export
     codec = EncodecModel.from_pretrained(args.codec)
     cc = codec.config
     K, card = cc.num_quantizers, cc.codebook_size
@@ -90,6 +98,13 @@ def main() -> int:
     text = t5_config(tok.get_vocab_size(), 64 if args.smoke else 128, 2)
     model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=cc, decoder=dec))
     model.audio_encoder.load_state_dict(codec.state_dict())
+    if args.init_from is not None and not args.resume:
+        src = MusicgenForConditionalGeneration.from_pretrained(args.init_from).state_dict()
+        own = model.state_dict()
+        take = {k: v for k, v in src.items() if not k.startswith(("text_encoder.", "audio_encoder."))
+                and k in own and own[k].shape == v.shape}
+        model.load_state_dict(take, strict=False)
+        print(f"init-from {args.init_from}: {len(take)} decoder/projection tensors, T5 fresh", flush=True)
     model.audio_encoder.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("audio_encoder.")]
     if args.freeze_t5:

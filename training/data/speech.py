@@ -4,7 +4,10 @@
     nice -n 19 /work/venv/ref/bin/python training/data/speech.py --out data/speech --n 20000
 
 Voices: espeak-ng (formant, several accents x variants) and flite (kal16, kal, awb, rms, slt),
-each utterance with random rate, pitch, light EQ and noise. Text: Debian `fortunes` sentences,
+each utterance with random rate, pitch, light EQ and noise. `--extra N` adds N training
+utterances by other engines (EXTRA below: Festival diphone and HTS voices, SVOX Pico), drawn from
+their own random stream, so the base set stays identical; `--extra-only` writes just those and
+merges them into an existing OUT/manifest.jsonl. Text: Debian `fortunes` sentences,
 WordNet usage examples, and number / date / time readings. Deterministic from --seed.
 
 Splits (field `split`):
@@ -12,7 +15,9 @@ Splits (field `split`):
   dev    training voices, held-out sentences
   test   HELD-OUT VOICES (see HELD_OUT below), held-out sentences
 Transcripts are lower case `a-z`, apostrophe and single spaces (what the ASR vocabulary holds).
-Needs: apt-get install espeak-ng flite fortunes fortunes-min wordnet-base.
+Needs: apt-get install espeak-ng flite fortunes fortunes-min wordnet-base; for --extra also
+festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts and `pip install ttspico`
+(SVOX Pico, Apache-2.0, with its en-US / en-GB lingware).
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ ESPEAK_VARIANTS = ["", "m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4
 FLITE = ["kal16", "kal", "awb", "rms", "slt"]
 # Whole voices never seen in training (test split only).
 HELD_OUT = ["espeak:en-us+f5", "espeak:en-gb-x-rp+m6", "espeak:en-029+klatt2", "flite:rms"]
+# Other engines, for --extra training utterances. pico:en-GB is kept out of training: it is the
+# unseen-engine voice of the validation set (training/eval/asr_val_set.py --engine-voice).
+EXTRA = ["festival:kal_diphone", "festival:ked_diphone", "festival:cmu_us_slt_arctic_hts", "pico:en-US"]
+VAL_ENGINE_VOICE = "pico:en-GB"
 
 
 def voices() -> list[str]:
@@ -149,13 +158,42 @@ def text_pool(rng: np.random.Generator, n: int) -> tuple[list[tuple[str, str]], 
 
 # ----------------------------------------------------------------------------- synthesis
 
+_PICO: dict = {}
+
+
+def pico_wav(lang: str, text: str, speed: int, pitch: int, wav: str) -> None:
+    """SVOX Pico (the `ttspico` wheel) at 16 kHz, with its own speed/pitch markup (percent)."""
+    import ttspico
+    if lang not in _PICO:
+        _PICO[lang] = ttspico.TtsEngine(lang)
+    esc = text.replace("&", " and ").replace("<", " ").replace(">", " ")
+    pcm = _PICO[lang].speak(f'<speed level="{speed}"><pitch level="{pitch}">{esc}</pitch></speed>') or b""
+    sf.write(wav, np.frombuffer(pcm, dtype=np.int16), 16000, subtype="PCM_16")
+
+
 def synth(job: dict) -> dict | None:
     rng = np.random.default_rng(job["seed"])
     engine, voice = job["voice"].split(":")
     with tempfile.TemporaryDirectory() as tmp:
         wav = os.path.join(tmp, "a.wav")
         text = job["speak"]
-        if engine == "espeak":
+        if engine == "pico":
+            speed, pitch = int(rng.integers(75, 135)), int(rng.integers(75, 130))
+            job.update(rate=speed, pitch=pitch)
+            try:
+                pico_wav(voice, text, speed, pitch, wav)
+                r = subprocess.CompletedProcess([], 0, b"", b"")
+            except Exception as e:  # noqa: BLE001 - reported per utterance, like a failed subprocess
+                r = subprocess.CompletedProcess([], 1, b"", str(e).encode())
+            cmd = None
+        elif engine == "festival":
+            stretch = float(rng.uniform(0.85, 1.2))
+            txt = os.path.join(tmp, "a.txt")
+            Path(txt).write_text(text + "\n")
+            cmd = ["text2wave", "-o", wav, "-eval", f"(voice_{voice})",
+                   "-eval", f"(Parameter.set 'Duration_Stretch {stretch:.3f})", txt]
+            job.update(stretch=round(stretch, 3))
+        elif engine == "espeak":
             rate, pitch = int(rng.integers(130, 210)), int(rng.integers(25, 75))
             cmd = ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", wav, text]
             job.update(rate=rate, pitch=pitch)
@@ -166,7 +204,8 @@ def synth(job: dict) -> dict | None:
             cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.3f}",
                    "--setf", f"int_f0_target_mean={base * f0:.1f}", "-t", text, "-o", wav]
             job.update(stretch=round(stretch, 3), f0_scale=round(f0, 3))
-        r = subprocess.run(cmd, capture_output=True)
+        if cmd is not None:
+            r = subprocess.run(cmd, capture_output=True)
         if r.returncode != 0 or not os.path.exists(wav):
             return dict(failed=job["path"], voice=job["voice"], reason=r.stderr.decode(errors="replace")[-200:])
         x, sr = sf.read(wav, dtype="float32", always_2d=True)
@@ -199,6 +238,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--flite-share", type=float, default=0.3,
                     help="share of train/dev utterances spoken by flite voices (5 of the 88 voices)")
+    ap.add_argument("--extra", type=int, default=0, help="extra training utterances by the EXTRA voices")
+    ap.add_argument("--extra-only", action="store_true",
+                    help="write only the --extra utterances and merge them into OUT/manifest.jsonl")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     train_text, held_text = text_pool(rng, args.n)
@@ -220,6 +262,15 @@ def main() -> int:
             name = f"wav/{split}_{i:06d}.wav"
             jobs.append(dict(path=name, abs=str(args.out / name), text=normalize(t), speak=t, source=src,
                              voice=voice, split=split, seed=int(rng.integers(2**31))))
+    if args.extra_only:
+        jobs = []
+    xrng = np.random.default_rng([args.seed, 1])  # its own stream: the base plan above is unchanged
+    for i in range(args.extra):
+        src, t = train_text[int(xrng.integers(len(train_text)))]
+        name = f"wav/trainx_{i:06d}.wav"
+        jobs.append(dict(path=name, abs=str(args.out / name), text=normalize(t), speak=t, source=src,
+                         voice=EXTRA[int(xrng.integers(len(EXTRA)))], split="train",
+                         seed=int(xrng.integers(2**31))))
     t0 = time.time()
     rows, failed = [], []
     with ProcessPoolExecutor(args.jobs) as ex:
@@ -230,6 +281,9 @@ def main() -> int:
                 r.pop("abs"), r.pop("seed")
                 rows.append(r)
     el = time.time() - t0
+    if args.extra_only:  # keep the existing base rows, replace any earlier extras
+        old = [json.loads(x) for x in (args.out / "manifest.jsonl").read_text().splitlines() if x.strip()]
+        rows += [r for r in old if not r["path"].startswith("wav/trainx_")]
     rows.sort(key=lambda r: r["path"])
     with open(args.out / "manifest.jsonl", "w") as f:
         for r in rows:
@@ -237,7 +291,8 @@ def main() -> int:
     audio = sum(r["seconds"] for r in rows)
     info = dict(utterances=len(rows), audio_hours=round(audio / 3600, 3), wall_s=round(el, 1),
                 realtime_factor=round(audio / el, 1), train_text=len(train_text), heldout_text=len(held_text),
-                voices_train=len(vs), voices_heldout=HELD_OUT,
+                voices_train=len(vs) + (len(EXTRA) if args.extra else 0), voices_heldout=HELD_OUT,
+                extra=args.extra,
                 per_split={s: sum(r["split"] == s for r in rows) for s in ("train", "dev", "test")},
                 failed=failed)
     (args.out / "info.json").write_text(json.dumps(info, indent=1))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import encode_captions, load_audio, read_manifest, resample  # noqa: E402
@@ -58,7 +59,8 @@ def main() -> int:
     ap.add_argument("--cadenza-args", default="--local",
                     help="with --cadenza: arguments after `music` (e.g. '--server http://127.0.0.1:50051 "
                          "--schedule magnet')")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="torch seed of the Python paths; with --cadenza clip i is generated with --seed SEED + i")
     ap.add_argument("--instrument-judge", type=Path, default=None,
                     help="a judge saved by instrument_judge.py: also score the caption's lead instrument")
     args = ap.parse_args()
@@ -101,7 +103,7 @@ def main() -> int:
         lm.load_state_dict(pkg["best_state"], strict=False)
         lm.eval()
     results = []
-    for r in rows:
+    for i, r in enumerate(rows):
         a = r["attributes"]
         t0 = time.time()
         if args.kind == "audio":
@@ -112,7 +114,10 @@ def main() -> int:
                 out = Path(tmp) / "m.wav"
                 import shlex
 
-                subprocess.run([str(args.cadenza), "music", *shlex.split(args.cadenza_args), "--model", str(args.model),
+                extra = shlex.split(args.cadenza_args)
+                if "--seed" not in extra:  # clip i samples with seed SEED + i: reruns and models compare alike
+                    extra += ["--seed", str(args.seed + i)]
+                subprocess.run([str(args.cadenza), "music", *extra, "--model", str(args.model),
                                 "--duration", str(args.seconds), "--output", str(out), r["text"]],
                                check=True, capture_output=True)
                 sr = 22050
@@ -142,12 +147,17 @@ def main() -> int:
                             key=f"{a['tonic']}:{a['mode']}", est_key=f"{tonic}:{mode}",
                             key_ok=(tonic == a["tonic"] and mode == a["mode"])))
     n = max(1, len(results))
+    # Rank correlation of asked and detected tempo: does the tempo move with the caption at all,
+    # even where it misses the 8% window (0 = ignores it; the renders score about 0.9)?
+    asked, got = [r["bpm"] for r in results], [r["est_bpm"] for r in results]
+    rho = float(spearmanr(asked, got)[0]) if len(set(asked)) > 1 and len(set(got)) > 1 else None
     report = dict(n=len(results), kind=args.kind, model=str(args.model),
                   cadenza_args=args.cadenza_args if args.cadenza else None, tempo_within_8pct=round(sum(r["tempo_ok"] for r in results) / n, 3),
                   tempo_within_8pct_octave=round(sum(r["tempo_ok_octave"] for r in results) / n, 3),
+                  tempo_spearman=None if rho is None else round(rho, 3),
                   key_exact=round(sum(r["key_ok"] for r in results) / n, 3),
                   instrument_agreement=(round(sum(r["instrument_ok"] for r in results) / n, 3) if judge else None),
-                  seconds_per_clip=round(gen_time / n, 2), clips=results[:10])
+                  seconds_per_clip=round(gen_time / n, 2), clips=results)
     print(json.dumps(report, indent=1))
     return 0
 

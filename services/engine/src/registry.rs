@@ -836,7 +836,7 @@ mod tests {
         let reg = Registry::load(&[asr_entry(None)], None, &Device::Cpu).unwrap();
         let d = reg.asr("asr").unwrap().model.decoding().clone();
         assert!(d.uses_beam_search(true), "the default decodes with its LM");
-        assert_eq!((d.beam_size, d.ngram_weight, d.ctc_weight), (8, 3.0, 0.7));
+        assert_eq!((d.beam_size, d.ngram_weight, d.ctc_weight), (8, 3.5, 0.9));
         assert!(
             reg.asr("asr").unwrap().model.network().ctc.is_some(),
             "ships its CTC layer"

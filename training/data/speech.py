@@ -180,12 +180,11 @@ def synth(job: dict) -> dict | None:
         if engine == "pico":
             speed, pitch = int(rng.integers(75, 135)), int(rng.integers(75, 130))
             job.update(rate=speed, pitch=pitch)
+            cmd, rc, err = None, 0, ""
             try:
                 pico_wav(voice, text, speed, pitch, wav)
-                r = subprocess.CompletedProcess([], 0, b"", b"")
             except Exception as e:  # noqa: BLE001 - reported per utterance, like a failed subprocess
-                r = subprocess.CompletedProcess([], 1, b"", str(e).encode())
-            cmd = None
+                rc, err = 1, str(e)
         elif engine == "festival":
             stretch = float(rng.uniform(0.85, 1.2))
             txt = os.path.join(tmp, "a.txt")
@@ -206,8 +205,9 @@ def synth(job: dict) -> dict | None:
             job.update(stretch=round(stretch, 3), f0_scale=round(f0, 3))
         if cmd is not None:
             r = subprocess.run(cmd, capture_output=True)
-        if r.returncode != 0 or not os.path.exists(wav):
-            return dict(failed=job["path"], voice=job["voice"], reason=r.stderr.decode(errors="replace")[-200:])
+            rc, err = r.returncode, r.stderr.decode(errors="replace")
+        if rc != 0 or not os.path.exists(wav):
+            return dict(failed=job["path"], voice=job["voice"], reason=err[-200:])
         x, sr = sf.read(wav, dtype="float32", always_2d=True)
     x = x.mean(1)
     if sr != SR:

@@ -842,16 +842,16 @@ mod tests {
             "ships its CTC layer"
         );
         assert_eq!(d.ngram.as_ref().map(|lm| lm.order()), Some(6));
-        // [models.decoding] ngram_weight = 0: greedy; beam_size alone keeps the LM
+        // [models.decoding] ngram_weight = 0 alone keeps the joint CTC beam search (the model
+        // has its CTC layer); both weights 0: greedy; beam_size alone keeps the LM
         let e = asr_entry(Some("ngram_weight: 0.0"));
         let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
-        assert!(
-            !reg.asr("asr")
-                .unwrap()
-                .model
-                .decoding()
-                .uses_beam_search(false)
-        );
+        let m = &reg.asr("asr").unwrap().model;
+        assert!(m.decoding().uses_beam_search(m.network().ctc.is_some()));
+        let e = asr_entry(Some("ngram_weight: 0.0\ndecoding_ctc_weight: 0.0"));
+        let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
+        let m = &reg.asr("asr").unwrap().model;
+        assert!(!m.decoding().uses_beam_search(m.network().ctc.is_some()));
         let e = asr_entry(Some("beam_size: 3"));
         let reg = Registry::load(&[e], None, &Device::Cpu).unwrap();
         assert_eq!(reg.asr("asr").unwrap().model.decoding().beam_size, 3);

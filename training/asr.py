@@ -121,6 +121,27 @@ def load_paraformer(model_dir: Path):
     return m.eval(), fe, tok
 
 
+def warped_features(fe, waves: list, warps: list[float]):
+    """FunASR WavFrontend's features (fbank, LFR, CMVN; padded with 0 like its forward), each
+    utterance's fbank computed with a Kaldi VTLN warp factor (1.0 = the frontend itself)."""
+    from funasr.frontends.wav_frontend import apply_cmvn, apply_lfr
+    from torchaudio.compliance import kaldi
+
+    mats = []
+    for w, a in zip(waves, warps):
+        w = w * (1 << 15) if fe.upsacle_samples else w
+        m = kaldi.fbank(w[None], num_mel_bins=fe.n_mels, frame_length=min(fe.frame_length, len(w) / fe.fs * 1000),
+                        frame_shift=fe.frame_shift, dither=fe.dither, energy_floor=0.0, window_type=fe.window,
+                        sample_frequency=fe.fs, snip_edges=fe.snip_edges, vtln_warp=float(a))
+        if fe.lfr_m != 1 or fe.lfr_n != 1:
+            m = apply_lfr(m, fe.lfr_m, fe.lfr_n)
+        if fe.cmvn is not None:
+            m = apply_cmvn(m, fe.cmvn)
+        mats.append(m)
+    lens = torch.tensor([len(m) for m in mats])
+    return torch.nn.utils.rnn.pad_sequence(mats, batch_first=True, padding_value=0.0), lens
+
+
 def main() -> int:
     p = base_args(__doc__, steps=2500, batch=16, ckpt_every=250)
     p.add_argument("--enc-blocks", type=int, default=6, help="SAN-M encoder blocks")
@@ -140,6 +161,14 @@ def main() -> int:
                    help="speed perturbation: each utterance resampled by a factor drawn in [LO, HI] "
                         "(0.01 steps) and read as 16 kHz, so it plays 1/factor as fast with pitch "
                         "and formants moved together (Kaldi/FunASR-style; e.g. 0.85,1.15)")
+    # Vocal tract length perturbation (Jaitly & Hinton 2013, "Vocal Tract Length Perturbation
+    # (VTLP) improves speech recognition"): the mel filterbank's frequency axis is warped by a
+    # factor drawn per utterance, which moves formants without touching duration or pitch, i.e.
+    # a new speaker. Kaldi's fbank implements the piecewise-linear VTLN warp (`vtln_warp`), which
+    # torchaudio.compliance.kaldi.fbank (FunASR's WavFrontend) exposes.
+    p.add_argument("--vtlp", default=None, metavar="LO,HI",
+                   help="vocal tract length perturbation: each utterance's fbank computed with a Kaldi "
+                        "VTLN warp factor drawn in [LO, HI] (e.g. 0.9,1.1); inference is unchanged")
     p.add_argument("--bpe", type=int, default=0, help="BPE vocabulary size for sub-word tokens (0 = letters)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="FunASR model directory to start from (e.g. a letters run): every tensor whose shape "
@@ -200,6 +229,7 @@ def main() -> int:
     model.train()
     pool: list[list[dict]] = []
     sp = [float(v) for v in args.speed_perturb.split(",")] if args.speed_perturb else None
+    vt = [float(v) for v in args.vtlp.split(",")] if args.vtlp else None
 
     def rate() -> int:
         """The rate an utterance is loaded at (16 kHz, or perturbed)."""
@@ -216,7 +246,10 @@ def main() -> int:
         wl = torch.tensor([len(w) for w in waves])
         x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
         with torch.no_grad():
-            feats, fl = fe(x, wl)
+            if vt is None:
+                feats, fl = fe(x, wl)
+            else:
+                feats, fl = warped_features(fe, waves, [rng.uniform(*vt) for _ in waves])
             for b in range(len(picks)):  # SpecAugment: 2 freq masks, 2 time masks
                 for _ in range(2):
                     f0 = rng.randint(0, feats.shape[2] - 30)

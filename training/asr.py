@@ -243,11 +243,10 @@ def main() -> int:
             rng.shuffle(pool)
         picks = pool.pop()
         waves = [torch.from_numpy(load_audio(r["path"], rate())) for r in picks]
-        wl = torch.tensor([len(w) for w in waves])
-        x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
         with torch.no_grad():
-            if vt is None:
-                feats, fl = fe(x, wl)
+            if vt is None:  # FunASR's own frontend on the padded batch
+                x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+                feats, fl = fe(x, torch.tensor([len(w) for w in waves]))
             else:
                 feats, fl = warped_features(fe, waves, [rng.uniform(*vt) for _ in waves])
             for b in range(len(picks)):  # SpecAugment: 2 freq masks, 2 time masks

@@ -9,11 +9,11 @@ Reads RUNS/{codec,musicgen,magnet,asr}/model (whichever exist) and writes:
 |---|---|---|
 | codec | encodec-tiny/{config.json, model.safetensors} | Hugging Face EncodecModel |
 | musicgen | musicgen-tiny/{config.json, generation_config.json, tokenizer.json, model.safetensors} | Hugging Face MusicgenForConditionalGeneration |
-| magnet | magnet-tiny/state_dict.bin | audiocraft MAGNeT (`best_state` + `xp.cfg`); its T5 and codec are musicgen-tiny's (train with `magnet.py --t5-from`) |
+| magnet | magnet-tiny/{state_dict.bin, t5/{config.json, model.safetensors, tokenizer.json}} | audiocraft MAGNeT (`best_state` + `xp.cfg`) and the Hugging Face T5 encoder directory it was trained with (`magnet.py --t5-from` copies a MusicGen's); it decodes with encodec-tiny |
 | asr | paraformer-tiny-en/{config.yaml, am.mvn, tokens.json, model.safetensors} | FunASR directory, with the state dict as safetensors (same keys as `model.pt`, the CTC head included for joint CTC decoding); `decoding.yaml` and the LM come from `asr_lm.py` |
 
-After exporting a codec, musicgen-tiny's embedded codec (`audio_encoder.*`, which magnet-tiny
-also decodes with) is overwritten with encodec-tiny's tensors, so all three decode alike.
+After exporting a codec, musicgen-tiny's embedded codec (`audio_encoder.*`) is overwritten with
+encodec-tiny's tensors, so all three music models decode alike.
 Floating-point tensors become float16 (halves the size; the loaders compute in float32).
 MODEL_CARD.md files are written by hand from the evaluation (training/README.md).
 """
@@ -56,8 +56,8 @@ def main() -> int:
         export_hf(mg, args.out / "musicgen-tiny", ["config.json", "generation_config.json", "tokenizer.json"])
         done.append("musicgen-tiny")
     if "encodec-tiny" in done and (args.out / "musicgen-tiny" / "model.safetensors").exists():
-        # MusicGen's safetensors carries its codec (audio_encoder.*), and magnet-tiny decodes with
-        # musicgen-tiny's: keep it identical to encodec-tiny (e.g. after codec.py --finetune-decoder).
+        # MusicGen's safetensors carries its codec (audio_encoder.*): keep it identical to
+        # encodec-tiny, which magnet-tiny decodes with (e.g. after codec.py --finetune-decoder).
         mg_file = args.out / "musicgen-tiny" / "model.safetensors"
         state = load_file(str(mg_file))
         codec_state = load_file(str(args.out / "encodec-tiny" / "model.safetensors"))
@@ -73,6 +73,7 @@ def main() -> int:
         pkg["best_state"] = half(pkg["best_state"])
         (args.out / "magnet-tiny").mkdir(parents=True, exist_ok=True)
         torch.save(pkg, args.out / "magnet-tiny" / "state_dict.bin")
+        export_hf(mag / "t5", args.out / "magnet-tiny" / "t5", ["config.json", "tokenizer.json"])
         done.append("magnet-tiny")
     asr = args.runs / "asr" / "model"
     if asr.exists():

@@ -42,12 +42,25 @@ def delay_batch(codes: list[torch.Tensor], card: int):
     return inp.reshape(B * K, -1), lab
 
 
-def sample_batch(rows, codes, tok, b, frames, rng, drop):
+def crop_start(r, n_frames, frames, frame_rate, rng, beat_crops):
+    """A segment's first frame: uniform, or with probability `beat_crops` on one of the clip's
+    beats (k * 60 / bpm s; the renders start on a beat at 0 s), so the segment opens on an
+    onset at a known phase, as generation does, and where the next onset falls is decided by
+    the caption's tempo alone."""
+    last = max(0, n_frames - frames)
+    if beat_crops > 0 and rng.random() < beat_crops:
+        period = 60.0 / r["attributes"]["bpm"] * frame_rate
+        beats = [round(k * period) for k in range(int(last / period) + 1)]
+        return rng.choice([s for s in beats if s <= last] or [0])
+    return rng.randint(0, last)
+
+
+def sample_batch(rows, codes, tok, b, frames, rng, drop, frame_rate=50, beat_crops=0.0):
     picks = [rng.choice(rows) for _ in range(b)]
     segs = []
     for r in picks:
         c = codes[r["path"]]
-        s = rng.randint(0, max(0, c.shape[1] - frames))
+        s = crop_start(r, c.shape[1], frames, frame_rate, rng, beat_crops)
         seg = c[:, s: s + frames]
         if seg.shape[1] < frames:
             seg = torch.cat([seg, seg[:, -1:].expand(-1, frames - seg.shape[1])], 1)
@@ -70,6 +83,9 @@ def main() -> int:
     p.add_argument("--init-from", type=Path, default=None,
                    help="HF MusicGen directory whose decoder and projection start this run (the T5 "
                         "starts fresh, for a new tokenizer); a fresh optimiser and schedule")
+    p.add_argument("--beat-crops", type=float, default=0.0,
+                   help="share of training segments that start on a beat of the clip (its caption's "
+                        "tempo) instead of at a uniform frame")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2.0
@@ -122,7 +138,8 @@ def main() -> int:
         model.text_encoder.eval()
     while not tr.done():
         tr.lr_step()
-        segs, ids, mask, keep = sample_batch(train, codes, tok, args.batch, frames, rng, drop=0.15)
+        segs, ids, mask, keep = sample_batch(train, codes, tok, args.batch, frames, rng, drop=0.15,
+                                              frame_rate=frame_rate, beat_crops=args.beat_crops)
         with torch.set_grad_enabled(not args.freeze_t5):
             enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         enc = enc * keep[:, None, None]

@@ -392,3 +392,76 @@ async fn concurrent_rescored_sessions_equal_solo_ones() -> Result<()> {
     }
     srv.stop().await
 }
+
+fn greedy_tiny_magnet(reg: &Registry, prompt: &str) -> Result<Vec<u32>> {
+    let m = reg.music("m")?;
+    let mg = m.magnet().expect("a MAGNeT model");
+    let (ids, mask) = mg.tokenize(&[prompt])?;
+    let cond = mg.condition(&ids, &mask)?;
+    let mut g = MagnetGeneration::new(
+        &mg.lm,
+        &cond,
+        None,
+        DecodeParams {
+            frames: 30,
+            decoding_steps: vec![3, 2, 2, 2],
+            greedy: true,
+            seed: 1,
+            ..Default::default()
+        },
+    )?;
+    while !g.is_done() {
+        g.step(&mg.lm)?;
+    }
+    Ok(g.frames().iter().flatten().copied().collect())
+}
+
+/// magnet-tiny ships its own T5 directory (`models/pretrained/magnet-tiny/t5/`, the one it was
+/// trained with): served from those files as a public audiocraft MAGNeT is (`format =
+/// "audiocraft-magnet"`, `t5 = …`, `codec = …`), it decodes exactly as the embedded default, and
+/// the caption changes the tokens (the T5 states reach the LM).
+#[test]
+fn magnet_tiny_files_serve_as_a_public_checkpoint_does() -> Result<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/pretrained");
+    let entry = |source: String, t5: Option<String>, codec: Option<String>, format| ModelEntry {
+        name: "m".into(),
+        kind: ModelKind::Music,
+        source,
+        card: None,
+        format,
+        t5,
+        codec,
+        schedule: None,
+        second_pass: None,
+        decoding: None,
+    };
+    let path = |p: &str| Some(dir.join(p).display().to_string());
+    let files = Registry::load(
+        &[entry(
+            dir.join("magnet-tiny").display().to_string(),
+            path("magnet-tiny/t5"),
+            path("encodec-tiny"),
+            Some("audiocraft-magnet".into()),
+        )],
+        None,
+        &Device::Cpu,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let embedded = Registry::load(
+        &[entry("embedded:magnet-tiny".into(), None, None, None)],
+        None,
+        &Device::Cpu,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let a = greedy_tiny_magnet(&files, "solo flute folk tune in D major at 100 bpm")?;
+    assert_eq!(a.len(), 4 * 30);
+    assert_eq!(
+        a,
+        greedy_tiny_magnet(&embedded, "solo flute folk tune in D major at 100 bpm")?
+    );
+    assert_ne!(
+        a,
+        greedy_tiny_magnet(&embedded, "organ chorale in G minor at 70 bpm")?
+    );
+    Ok(())
+}

@@ -73,12 +73,31 @@ impl Magnet {
         t5_dir: &Path,
         device: &Device,
     ) -> Result<(T5Encoder, Arc<tokenizers::Tokenizer>)> {
-        let read = |p: std::path::PathBuf| {
-            std::fs::read_to_string(&p).map_err(|e| msg(format!("{}: {e}", p.display())))
+        let read = |name: &str| {
+            let p = t5_dir.join(name);
+            std::fs::read(&p).map_err(|e| msg(format!("{}: {e}", p.display())))
         };
-        let t5_cfg: T5Config = serde_json::from_str(&read(t5_dir.join("config.json"))?)
-            .map_err(|e| msg(format!("t5 config.json: {e}")))?;
-        let tensors = candle_core::safetensors::load(t5_dir.join("model.safetensors"), device)?
+        let config = read("config.json")?;
+        let config =
+            std::str::from_utf8(&config).map_err(|e| msg(format!("t5 config.json: {e}")))?;
+        Self::t5_from_bytes(
+            config,
+            &read("model.safetensors")?,
+            &read("tokenizer.json")?,
+            device,
+        )
+    }
+
+    /// The files of a T5 directory, already in memory (an embedded model's).
+    pub fn t5_from_bytes(
+        config_json: &str,
+        safetensors: &[u8],
+        tokenizer_json: &[u8],
+        device: &Device,
+    ) -> Result<(T5Encoder, Arc<tokenizers::Tokenizer>)> {
+        let t5_cfg: T5Config =
+            serde_json::from_str(config_json).map_err(|e| msg(format!("t5 config.json: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(safetensors, device)?
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
@@ -86,9 +105,7 @@ impl Magnet {
             &t5_cfg,
             VarBuilder::from_tensors(tensors, DType::F32, device),
         )?;
-        let tok = std::fs::read(t5_dir.join("tokenizer.json"))
-            .map_err(|e| msg(format!("{}: {e}", t5_dir.join("tokenizer.json").display())))?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&tok)
+        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| msg(format!("tokenizer.json: {e}")))?;
         Ok((t5, Arc::new(tokenizer)))
     }

@@ -50,13 +50,17 @@ const EMBEDDED_MUSIC: &[EmbeddedMusic] = &[EmbeddedMusic {
     untrained: false,
 }];
 
-/// An embedded MAGNeT: an audiocraft `state_dict.bin` LM that takes its T5 (and tokenizer)
-/// and codec from an embedded MusicGen.
+/// An embedded MAGNeT: an audiocraft `state_dict.bin` LM, the T5 directory it was trained with
+/// (`t5/`: `config.json`, `model.safetensors`, `tokenizer.json`, what a configuration's `t5`
+/// names) and an embedded codec.
 struct EmbeddedMagnet {
     name: &'static str,
     state_dict: &'static [u8],
-    /// The [`EMBEDDED_MUSIC`] entry whose T5 and codec it uses.
-    parts_from: &'static str,
+    t5_config_json: &'static str,
+    t5_weights: &'static [u8],
+    t5_tokenizer_json: &'static [u8],
+    /// The [`EMBEDDED`] codec it decodes with.
+    codec: &'static str,
     card: &'static str,
     untrained: bool,
 }
@@ -64,7 +68,10 @@ struct EmbeddedMagnet {
 const EMBEDDED_MAGNET: &[EmbeddedMagnet] = &[EmbeddedMagnet {
     name: "magnet-tiny",
     state_dict: include_bytes!("../../../models/pretrained/magnet-tiny/state_dict.bin"),
-    parts_from: "musicgen-tiny",
+    t5_config_json: include_str!("../../../models/pretrained/magnet-tiny/t5/config.json"),
+    t5_weights: include_bytes!("../../../models/pretrained/magnet-tiny/t5/model.safetensors"),
+    t5_tokenizer_json: include_bytes!("../../../models/pretrained/magnet-tiny/t5/tokenizer.json"),
+    codec: "encodec-tiny",
     card: include_str!("../../../models/pretrained/magnet-tiny/MODEL_CARD.md"),
     untrained: false,
 }];
@@ -551,24 +558,6 @@ fn load_music(
     })
 }
 
-/// An embedded MusicGen's parts (for the T5 and codec an embedded MAGNeT shares).
-fn embedded_musicgen(name: &str, device: &Device) -> Result<cadenza_musicgen::MusicGen, String> {
-    let emb = EMBEDDED_MUSIC
-        .iter()
-        .find(|m| m.name == name)
-        .ok_or_else(|| format!("no embedded music model '{name}'"))?;
-    let tensors =
-        candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
-    cadenza_musicgen::MusicGen::from_parts(
-        emb.config_json,
-        Some(emb.generation_config_json),
-        Some(emb.tokenizer_json),
-        tensors,
-        device,
-    )
-    .map_err(|e| e.to_string())
-}
-
 /// Reads an audiocraft MAGNeT LM checkpoint for a codec of `frame_rate` frames/s; returns the
 /// LM and its parameter count.
 fn read_magnet_lm(
@@ -603,7 +592,18 @@ fn load_magnet(
                 .iter()
                 .find(|m| m.name == n)
                 .ok_or_else(|| format!("no embedded MAGNeT '{n}'"))?;
-            let parts = embedded_musicgen(emb.parts_from, device)?;
+            let codec = EMBEDDED
+                .iter()
+                .find(|m| m.name == emb.codec)
+                .ok_or_else(|| format!("no embedded codec '{}'", emb.codec))
+                .and_then(|c| embedded_codec(c, device))?;
+            let (t5, tokenizer) = Magnet::t5_from_bytes(
+                emb.t5_config_json,
+                emb.t5_weights,
+                emb.t5_tokenizer_json,
+                device,
+            )
+            .map_err(|e| format!("{} t5: {e}", emb.name))?;
             // candle reads torch zip checkpoints from files only: stage the bytes in a
             // private temporary file.
             let tmp = std::env::temp_dir().join(format!(
@@ -613,10 +613,10 @@ fn load_magnet(
                 std::thread::current().id()
             ));
             std::fs::write(&tmp, emb.state_dict).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            let lm = read_magnet_lm(&tmp, codec_frame_rate(&parts.codec), device);
+            let lm = read_magnet_lm(&tmp, codec_frame_rate(&codec), device);
             let _ = std::fs::remove_file(&tmp);
             let (lm, params) = lm?;
-            let model = Magnet::from_lm(lm, parts.t5, parts.tokenizer, parts.codec, device)
+            let model = Magnet::from_lm(lm, t5, Some(tokenizer), codec, device)
                 .map_err(|e| e.to_string())?;
             (model, params, card_summary(emb.card), emb.untrained)
         }
@@ -740,6 +740,13 @@ fn load_asr(
     })
 }
 
+fn embedded_codec(emb: &EmbeddedModel, device: &Device) -> Result<Encodec, String> {
+    let cfg = Encodec::parse_config(emb.config_json).map_err(|e| e.to_string())?;
+    let tensors =
+        candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
+    Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())
+}
+
 fn load_codec(
     name: &str,
     source: &ModelSource,
@@ -754,11 +761,11 @@ fn load_codec(
                     embedded_names().join(", ")
                 )
             })?;
-            let cfg = Encodec::parse_config(emb.config_json).map_err(|e| e.to_string())?;
-            let tensors = candle_core::safetensors::load_buffer(emb.weights, device)
-                .map_err(|e| e.to_string())?;
-            let model = Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())?;
-            (model, card_summary(emb.card), emb.untrained)
+            (
+                embedded_codec(emb, device)?,
+                card_summary(emb.card),
+                emb.untrained,
+            )
         }
         ModelSource::Path(dir) => {
             let model = Encodec::load(dir, device).map_err(|e| e.to_string())?;

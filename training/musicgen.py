@@ -57,7 +57,7 @@ def crop_start(r, n_frames, frames, frame_rate, rng, beat_crops):
 
 def sample_batch(rows, codes, tok, b, frames, rng, drop, frame_rate=50, beat_crops=0.0):
     picks = [rng.choice(rows) for _ in range(b)]
-    segs = []
+    segs, starts = [], []
     for r in picks:
         c = codes[r["path"]]
         s = crop_start(r, c.shape[1], frames, frame_rate, rng, beat_crops)
@@ -65,9 +65,26 @@ def sample_batch(rows, codes, tok, b, frames, rng, drop, frame_rate=50, beat_cro
         if seg.shape[1] < frames:
             seg = torch.cat([seg, seg[:, -1:].expand(-1, frames - seg.shape[1])], 1)
         segs.append(seg)
+        starts.append(s)
     ids, mask = encode_captions(tok, [r["text"] for r in picks])
     keep = torch.tensor([rng.random() >= drop for _ in picks])
-    return segs, ids, mask, keep
+    return segs, ids, mask, keep, picks, starts
+
+
+def early_weights(picks, starts, frames, K, frame_rate, weight, beats=2.0):
+    """Per-label loss weights [B, K, frames + K - 1] (delay layout: codebook k's frame f sits at
+    position f + k): `weight` on the frames of a segment that opens on a beat (start 0 or a beat
+    frame) up to `beats` beat periods in, else 1. Those frames hold the onsets whose place only the
+    caption's tempo tells (later onsets repeat the period already heard)."""
+    w = torch.ones(len(picks), K, frames + K - 1)
+    for b, (r, s) in enumerate(zip(picks, starts)):
+        period = 60.0 / r["attributes"]["bpm"] * frame_rate
+        if abs(s / period - round(s / period)) * period > 0.51:
+            continue
+        n = min(frames, int(beats * period) + 1)
+        for k in range(K):
+            w[b, k, k: k + n] = weight
+    return w
 
 
 def main() -> int:
@@ -83,6 +100,8 @@ def main() -> int:
     p.add_argument("--init-from", type=Path, default=None,
                    help="HF MusicGen directory whose decoder and projection start this run (the T5 "
                         "starts fresh, for a new tokenizer); a fresh optimiser and schedule")
+    p.add_argument("--early-weight", type=float, default=1.0,
+                   help="loss weight of the first two beat periods of segments that start on a beat")
     p.add_argument("--beat-crops", type=float, default=0.0,
                    help="share of training segments that start on a beat of the clip (its caption's "
                         "tempo) instead of at a uniform frame")
@@ -138,7 +157,7 @@ def main() -> int:
         model.text_encoder.eval()
     while not tr.done():
         tr.lr_step()
-        segs, ids, mask, keep = sample_batch(train, codes, tok, args.batch, frames, rng, drop=0.15,
+        segs, ids, mask, keep, picks, starts = sample_batch(train, codes, tok, args.batch, frames, rng, drop=0.15,
                                               frame_rate=frame_rate, beat_crops=args.beat_crops)
         with torch.set_grad_enabled(not args.freeze_t5):
             enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -147,12 +166,19 @@ def main() -> int:
         inp, lab = delay_batch(segs, card)
         out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp)
         logits = out.logits.reshape(args.batch, K, inp.shape[-1], card)
-        loss = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100)
+        ce = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100, reduction="none")
+        valid = (lab.reshape(-1) != -100).float()
+        plain = (ce * valid).sum() / valid.sum()
+        if args.early_weight != 1.0:
+            w = early_weights(picks, starts, frames, K, frame_rate, args.early_weight).reshape(-1) * valid
+            loss = (ce * w).sum() / w.sum()
+        else:
+            loss = plain
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # skips the frozen T5's absent grads
         opt.step()
-        tr.end_step(dict(loss=loss.item()), samples=args.batch)
+        tr.end_step(dict(loss=plain.item(), weighted=loss.item()), samples=args.batch)
     model.eval()
     model.generation_config = GenerationConfig(bos_token_id=card, decoder_start_token_id=card, pad_token_id=card,
                                                do_sample=True, guidance_scale=3.0, top_k=50,

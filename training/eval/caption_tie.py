@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Does a MusicGen listen to one attribute of its caption? A teacher-forced test, free of the
+noise of sampling and beat tracking.
+
+    /work/venv/ref/bin/python training/eval/caption_tie.py --model DIR --codec CODEC_DIR \
+        --manifest data/music/manifest.jsonl [--attribute tempo|instrument] [--n 72] [--seconds 3]
+
+For each held-out test clip, the cross-entropy of its own codec tokens (the first --seconds from
+frame 0, where generation starts; the delay pattern as in training) is computed under its true
+caption and under the same caption with one attribute changed: the tempo by x1.25 or /1.25
+(rounded to 5 bpm, kept in 60-160), or the instrument by another of the generator's twelve. A
+model that uses the attribute predicts the clip better from the true caption: `gap` (nats per
+token, wrong minus true) > 0 and `true_better` (share of clips) near 1. A model that ignores it
+has gap ~0 and true_better ~0.5. `early_*` restrict the average to the first two beat periods,
+where only the caption can tell when the second onset falls. DIR is a Hugging Face MusicGen
+directory, or a musicgen.py run directory (its ckpt.pt, with --base the HF directory whose config
+it fits). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import codec_tokens, encode_captions, read_manifest  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("mg_recipe", Path(__file__).resolve().parents[1] / "musicgen.py")
+_recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_recipe)
+
+INSTRUMENTS = ["piano", "organ", "flute", "violin", "cello", "clarinet", "trumpet", "acoustic guitar", "harp",
+               "strings", "marimba", "saxophone"]
+
+
+def changed(row: dict, attribute: str) -> str | None:
+    text, a = row["text"], row["attributes"]
+    if attribute == "tempo":
+        bpm = a["bpm"]
+        order = [1.25, 0.8] if random.Random(bpm).random() < 0.5 else [0.8, 1.25]
+        for f in order:
+            b = int(round(bpm * f / 5)) * 5
+            if 60 <= b <= 160 and f"at {bpm} bpm" in text:
+                return text.replace(f"at {bpm} bpm", f"at {b} bpm")
+        return None
+    inst = a["instrument"]
+    if inst not in INSTRUMENTS or inst not in text:
+        return None
+    return text.replace(inst, INSTRUMENTS[(INSTRUMENTS.index(inst) + 5) % len(INSTRUMENTS)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--base", type=Path, default=None, help="HF dir for a run directory's ckpt.pt")
+    ap.add_argument("--codec", type=Path, required=True, help="the codec dir (its music_codes.pt cache is reused)")
+    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--attribute", choices=["tempo", "instrument"], default="tempo")
+    ap.add_argument("--n", type=int, default=72)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from tokenizers import Tokenizer
+    from transformers import MusicgenForConditionalGeneration
+
+    if (args.model / "ckpt.pt").exists():
+        model = MusicgenForConditionalGeneration.from_pretrained(args.base)
+        model.load_state_dict(torch.load(args.model / "ckpt.pt", weights_only=False)["model"])
+    else:
+        model = MusicgenForConditionalGeneration.from_pretrained(args.model)
+    model = model.float().eval()
+    tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
+    card, K = model.config.decoder.vocab_size, model.config.decoder.num_codebooks
+    rate = model.config.audio_encoder.frame_rate
+    rows = [r for r in read_manifest(args.manifest) if r["split"] == "test"][: args.n]
+    codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")
+    frames = int(args.seconds * rate)
+    res = []
+    with torch.no_grad():
+        for r in rows:
+            other = changed(r, args.attribute)
+            if other is None:
+                continue
+            seg = codes[r["path"]][:, :frames]
+            inp, lab = _recipe.delay_batch([seg, seg], card)
+            ids, mask = encode_captions(tok, [r["text"], other])
+            enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp).logits
+            ce = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100,
+                                 reduction="none").reshape(2, K, -1)
+            valid = (lab[0] != -100).float()
+            early = torch.zeros_like(valid)
+            n2 = int(2 * 60.0 / r["attributes"]["bpm"] * rate) + 1
+            for k in range(K):
+                early[k, k: k + n2] = 1
+            early = early * valid
+            mean = lambda w: ((ce * w).sum((1, 2)) / w.sum()).tolist()  # noqa: E731
+            res.append(mean(valid) + mean(early))
+    a = torch.tensor(res)
+    out = dict(model=str(args.model), attribute=args.attribute, n=len(res), seconds=args.seconds,
+               ce_true=round(a[:, 0].mean().item(), 4), ce_changed=round(a[:, 1].mean().item(), 4),
+               gap=round((a[:, 1] - a[:, 0]).mean().item(), 4),
+               true_better=round((a[:, 0] < a[:, 1]).float().mean().item(), 3),
+               early_gap=round((a[:, 3] - a[:, 2]).mean().item(), 4),
+               early_true_better=round((a[:, 2] < a[:, 3]).float().mean().item(), 3))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

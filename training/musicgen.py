@@ -16,6 +16,7 @@ tokenizer.json) -- the directory `cadenza` loads as a `kind = "music"` HF model.
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -87,6 +88,25 @@ def early_weights(picks, starts, frames, K, frame_rate, weight, beats=2.0):
     return w
 
 
+def beat_phase_loss(head, hidden, picks, starts, keep, frames, frame_rate):
+    """MSE of head(hidden) against (cos, sin) of the beat phase 2 pi (start + j) / period at the
+    decoder's positions j < frames (position j predicts frame j of the first codebook; the renders
+    have a beat at frame 0, so the phase of every frame is known from the caption's tempo), over
+    the segments whose caption was kept (without it the tempo is unknown)."""
+    B, T, _ = hidden.shape
+    j = torch.arange(T, dtype=torch.float32)
+    target = torch.zeros(B, T, 2)
+    w = torch.zeros(B, T)
+    for b, (r, s) in enumerate(zip(picks, starts)):
+        period = 60.0 / r["attributes"]["bpm"] * frame_rate
+        ph = 2 * math.pi * (s + j) / period
+        target[b, :, 0], target[b, :, 1] = torch.cos(ph), torch.sin(ph)
+        if keep[b]:
+            w[b, :frames] = 1.0
+    err = ((head(hidden) - target) ** 2).sum(-1)
+    return (err * w).sum() / w.sum().clamp(min=1.0)
+
+
 def main() -> int:
     p = base_args(__doc__, steps=2500, batch=16, ckpt_every=200)
     p.add_argument("--codec", type=Path, required=True, help="HF EnCodec dir from codec.py")
@@ -100,6 +120,10 @@ def main() -> int:
     p.add_argument("--init-from", type=Path, default=None,
                    help="HF MusicGen directory whose decoder and projection start this run (the T5 "
                         "starts fresh, for a new tokenizer); a fresh optimiser and schedule")
+    p.add_argument("--beat-aux", type=float, default=0.0,
+                   help="weight of an auxiliary loss: a linear head on the decoder's last hidden state "
+                        "predicts the beat phase (cos, sin of 2 pi frame / beat period, from the caption's "
+                        "tempo) at every frame of captioned segments; training only, not exported")
     p.add_argument("--early-weight", type=float, default=1.0,
                    help="loss weight of the first two beat periods of segments that start on a beat")
     p.add_argument("--beat-crops", type=float, default=0.0,
@@ -147,6 +171,15 @@ def main() -> int:
     opt = torch.optim.AdamW(params, lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
     args.lr = opt.param_groups[0]["lr"]
     tr = Trainer(args, model, opt)
+    beat_head = beat_opt = None
+    if args.beat_aux > 0:
+        # kept out of `model` (and so out of the exported checkpoint); saved in the ckpt's extra
+        beat_head = torch.nn.Linear(hidden, 2)
+        beat_opt = torch.optim.AdamW(beat_head.parameters(), lr=args.lr, weight_decay=0.0)
+        if "beat_head" in tr.extra:
+            beat_head.load_state_dict(tr.extra["beat_head"])
+            beat_opt.load_state_dict(tr.extra["beat_opt"])
+        tr.extra.update(beat_head=beat_head.state_dict(), beat_opt=beat_opt.state_dict())
     rng = random.Random(args.seed + tr.step)
     frames = int(args.seconds * frame_rate)
     n_lm = sum(p.numel() for p in params)
@@ -164,7 +197,8 @@ def main() -> int:
         enc = enc * keep[:, None, None]
         mask = mask * keep[:, None]
         inp, lab = delay_batch(segs, card)
-        out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp)
+        out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp,
+                    output_hidden_states=beat_head is not None)
         logits = out.logits.reshape(args.batch, K, inp.shape[-1], card)
         ce = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100, reduction="none")
         valid = (lab.reshape(-1) != -100).float()
@@ -174,11 +208,21 @@ def main() -> int:
             loss = (ce * w).sum() / w.sum()
         else:
             loss = plain
+        metrics = dict(loss=plain.item(), weighted=loss.item())
+        if beat_head is not None:
+            aux = beat_phase_loss(beat_head, out.decoder_hidden_states[-1], picks, starts, keep, frames, frame_rate)
+            loss = loss + args.beat_aux * aux
+            metrics["beat_mse"] = aux.item()
+            beat_opt.zero_grad()
+            for g in beat_opt.param_groups:
+                g["lr"] = opt.param_groups[0]["lr"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # skips the frozen T5's absent grads
         opt.step()
-        tr.end_step(dict(loss=plain.item(), weighted=loss.item()), samples=args.batch)
+        if beat_opt is not None:
+            beat_opt.step()
+        tr.end_step(metrics, samples=args.batch)
     model.eval()
     model.generation_config = GenerationConfig(bos_token_id=card, decoder_start_token_id=card, pad_token_id=card,
                                                do_sample=True, guidance_scale=3.0, top_k=50,

@@ -71,13 +71,17 @@ def main() -> int:
     from tokenizers import Tokenizer
     from transformers import MusicgenForConditionalGeneration
 
+    tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     if (args.model / "ckpt.pt").exists():
-        model = MusicgenForConditionalGeneration.from_pretrained(args.base)
+        from transformers import MusicgenConfig
+
+        cfg = MusicgenConfig.from_pretrained(args.base)
+        cfg.text_encoder.vocab_size = tok.get_vocab_size()  # the run's own caption tokenizer
+        model = MusicgenForConditionalGeneration(cfg)
         model.load_state_dict(torch.load(args.model / "ckpt.pt", weights_only=False)["model"])
     else:
         model = MusicgenForConditionalGeneration.from_pretrained(args.model)
     model = model.float().eval()
-    tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     card, K = model.config.decoder.vocab_size, model.config.decoder.num_codebooks
     rate = model.config.audio_encoder.frame_rate
     rows = [r for r in read_manifest(args.manifest) if r["split"] == "test"][: args.n]

@@ -84,7 +84,7 @@ def main() -> int:
         state = torch.load(asr / "model.pt", map_location="cpu")  # with its CTC head (joint CTC decoding)
         save_file(half(state), str(dst / "model.safetensors"), metadata={"format": "pt"})
         done.append("paraformer-tiny-en")
-    sizes = {n: sum(f.stat().st_size for f in (args.out / n).iterdir()) for n in done}
+    sizes = {n: sum(f.stat().st_size for f in (args.out / n).rglob("*") if f.is_file()) for n in done}
     print(json.dumps(dict(exported=done, bytes=sizes, total_mb=round(sum(sizes.values()) / 1e6, 2))))
     return 0
 

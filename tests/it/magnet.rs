@@ -143,7 +143,7 @@ async fn magnet_hybrid_and_rescored_return_audio_of_the_right_length() -> Result
         req(
             pb::Schedule {
                 kind: pb::schedule::Kind::Hybrid as i32,
-                decoding_steps: vec![3, 2, 2, 2],
+                decoding_steps: steps.iter().map(|&s| s as usize).collect(),
                 prefix_s: 0.4,
                 ..Default::default()
             },
@@ -211,26 +211,7 @@ async fn greedy_magnet_through_the_server_equals_the_direct_decode() -> Result<(
         &Device::Cpu,
     )
     .map_err(anyhow::Error::msg)?;
-    let m = reg.music("m")?;
-    let mg = m.magnet().expect("a MAGNeT model");
-    let (ids, mask) = mg.tokenize(&["calm piano"])?;
-    let cond = mg.condition(&ids, &mask)?;
-    let mut g = MagnetGeneration::new(
-        &mg.lm,
-        &cond,
-        None,
-        DecodeParams {
-            frames: 30,
-            decoding_steps: steps.iter().map(|&s| s as usize).collect(),
-            greedy: true,
-            seed: 1,
-            ..Default::default()
-        },
-    )?;
-    while !g.is_done() {
-        g.step(&mg.lm)?;
-    }
-    let want: Vec<u32> = g.frames().iter().flatten().copied().collect();
+    let want = greedy_tiny_magnet(&reg, "calm piano", &steps)?;
     assert_eq!((got.num_codebooks, got.frames), (4, 30));
     assert_eq!(got.codes, want);
     Ok(())
@@ -393,7 +374,8 @@ async fn concurrent_rescored_sessions_equal_solo_ones() -> Result<()> {
     srv.stop().await
 }
 
-fn greedy_tiny_magnet(reg: &Registry, prompt: &str) -> Result<Vec<u32>> {
+/// The registry's MAGNeT `m`, decoded greedily (seed 1, 30 frames) by the model crate itself.
+fn greedy_tiny_magnet(reg: &Registry, prompt: &str, steps: &[u32]) -> Result<Vec<u32>> {
     let m = reg.music("m")?;
     let mg = m.magnet().expect("a MAGNeT model");
     let (ids, mask) = mg.tokenize(&[prompt])?;
@@ -404,7 +386,7 @@ fn greedy_tiny_magnet(reg: &Registry, prompt: &str) -> Result<Vec<u32>> {
         None,
         DecodeParams {
             frames: 30,
-            decoding_steps: vec![3, 2, 2, 2],
+            decoding_steps: steps.iter().map(|&s| s as usize).collect(),
             greedy: true,
             seed: 1,
             ..Default::default()
@@ -422,6 +404,7 @@ fn greedy_tiny_magnet(reg: &Registry, prompt: &str) -> Result<Vec<u32>> {
 /// the caption changes the tokens (the T5 states reach the LM).
 #[test]
 fn magnet_tiny_files_serve_as_a_public_checkpoint_does() -> Result<()> {
+    const STEPS: [u32; 4] = [3, 2, 2, 2];
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/pretrained");
     let entry = |source: String, t5: Option<String>, codec: Option<String>, format| ModelEntry {
         name: "m".into(),
@@ -453,15 +436,19 @@ fn magnet_tiny_files_serve_as_a_public_checkpoint_does() -> Result<()> {
         &Device::Cpu,
     )
     .map_err(anyhow::Error::msg)?;
-    let a = greedy_tiny_magnet(&files, "solo flute folk tune in D major at 100 bpm")?;
+    let a = greedy_tiny_magnet(&files, "solo flute folk tune in D major at 100 bpm", &STEPS)?;
     assert_eq!(a.len(), 4 * 30);
     assert_eq!(
         a,
-        greedy_tiny_magnet(&embedded, "solo flute folk tune in D major at 100 bpm")?
+        greedy_tiny_magnet(
+            &embedded,
+            "solo flute folk tune in D major at 100 bpm",
+            &STEPS
+        )?
     );
     assert_ne!(
         a,
-        greedy_tiny_magnet(&embedded, "organ chorale in G minor at 70 bpm")?
+        greedy_tiny_magnet(&embedded, "organ chorale in G minor at 70 bpm", &STEPS)?
     );
     Ok(())
 }

@@ -11,6 +11,11 @@ a decoder over the codec's 4 codebooks with the delay pattern, exactly the layou
 (zeroed encoder states and mask, what transformers' CFG uses as the unconditional half).
 Writes OUT/model/ (config.json, model.safetensors with the codec inside, generation_config.json,
 tokenizer.json) -- the directory `cadenza` loads as a `kind = "music"` HF model.
+
+Tying the caption's tempo to the beat (training/README.md, "Seventh sitting"): --beat-crops P starts
+segments on a beat of the clip, --early-weight W weights their first two beat periods, and
+--beat-aux W adds a beat-phase head on the decoder (training only: the export is unchanged). They
+read `attributes.bpm` from the manifest and assume a beat at 0 s, as data/music.py renders.
 """
 
 from __future__ import annotations

@@ -592,11 +592,7 @@ fn load_magnet(
                 .iter()
                 .find(|m| m.name == n)
                 .ok_or_else(|| format!("no embedded MAGNeT '{n}'"))?;
-            let codec = EMBEDDED
-                .iter()
-                .find(|m| m.name == emb.codec)
-                .ok_or_else(|| format!("no embedded codec '{}'", emb.codec))
-                .and_then(|c| embedded_codec(c, device))?;
+            let (_, codec) = embedded_codec(emb.codec, device)?;
             let (t5, tokenizer) = Magnet::t5_from_bytes(
                 emb.t5_config_json,
                 emb.t5_weights,
@@ -740,11 +736,22 @@ fn load_asr(
     })
 }
 
-fn embedded_codec(emb: &EmbeddedModel, device: &Device) -> Result<Encodec, String> {
+/// The embedded codec `name` and its built model.
+fn embedded_codec(
+    name: &str,
+    device: &Device,
+) -> Result<(&'static EmbeddedModel, Encodec), String> {
+    let emb = EMBEDDED.iter().find(|m| m.name == name).ok_or_else(|| {
+        format!(
+            "no embedded model '{name}' (embedded: {})",
+            embedded_names().join(", ")
+        )
+    })?;
     let cfg = Encodec::parse_config(emb.config_json).map_err(|e| e.to_string())?;
     let tensors =
         candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
-    Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())
+    let model = Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())?;
+    Ok((emb, model))
 }
 
 fn load_codec(
@@ -755,17 +762,8 @@ fn load_codec(
 ) -> Result<CodecModel, String> {
     let (model, card_text, untrained) = match source {
         ModelSource::Embedded(n) => {
-            let emb = EMBEDDED.iter().find(|m| m.name == n).ok_or_else(|| {
-                format!(
-                    "no embedded model '{n}' (embedded: {})",
-                    embedded_names().join(", ")
-                )
-            })?;
-            (
-                embedded_codec(emb, device)?,
-                card_summary(emb.card),
-                emb.untrained,
-            )
+            let (emb, model) = embedded_codec(n, device)?;
+            (model, card_summary(emb.card), emb.untrained)
         }
         ModelSource::Path(dir) => {
             let model = Encodec::load(dir, device).map_err(|e| e.to_string())?;

@@ -160,6 +160,23 @@ class Trainer:
         return dict(steps=n, seconds=round(el, 1), steps_per_s=round(n / max(el, 1e-9), 4))
 
 
+# ----------------------------------------------------------------------------- MusicGen delay pattern
+
+def delay_batch(codes: list[torch.Tensor], card: int):
+    """codes: list of [K, T] -> decoder input ids [B*K, T+K-1], labels [B, K, T+K-1] (-100 = ignore;
+    codebook k's frame f is label position f + k). Shared by musicgen.py and eval/caption_tie.py."""
+    K, T = codes[0].shape
+    B = len(codes)
+    P = torch.full((B, K, T + K), card, dtype=torch.long)
+    for b, c in enumerate(codes):
+        for k in range(K):
+            P[b, k, 1 + k: 1 + k + T] = c[k]
+    inp = P[:, :, :-1]
+    lab = P[:, :, 1:].clone()
+    lab[lab == card] = -100
+    return inp.reshape(B * K, -1), lab
+
+
 # ----------------------------------------------------------------------------- captions / text encoder
 
 def build_caption_tokenizer(captions: list[str], vocab_size: int, words: bool = False):

@@ -30,22 +30,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Trainer, base_args, build_caption_tokenizer, codec_tokens, encode_captions,  # noqa: E402
-                    read_manifest, seed_all, t5_config)
+from common import (Trainer, base_args, build_caption_tokenizer, codec_tokens, delay_batch,  # noqa: E402
+                    encode_captions, read_manifest, seed_all, t5_config)
 
 
-def delay_batch(codes: list[torch.Tensor], card: int):
-    """codes: list of [K, T] -> decoder input ids [B*K, T+K-1+1], labels [B, K, T+K] (-100 = ignore)."""
-    K, T = codes[0].shape
-    B = len(codes)
-    P = torch.full((B, K, T + K), card, dtype=torch.long)
-    for b, c in enumerate(codes):
-        for k in range(K):
-            P[b, k, 1 + k: 1 + k + T] = c[k]
-    inp = P[:, :, :-1]
-    lab = P[:, :, 1:].clone()
-    lab[lab == card] = -100
-    return inp.reshape(B * K, -1), lab
+def beat_period(r, frame_rate) -> float:
+    """The clip's beat period in codec frames, from its caption's tempo (`attributes.bpm`)."""
+    return 60.0 / r["attributes"]["bpm"] * frame_rate
 
 
 def crop_start(r, n_frames, frames, frame_rate, rng, beat_crops):
@@ -55,7 +46,7 @@ def crop_start(r, n_frames, frames, frame_rate, rng, beat_crops):
     the caption's tempo alone."""
     last = max(0, n_frames - frames)
     if beat_crops > 0 and rng.random() < beat_crops:
-        period = 60.0 / r["attributes"]["bpm"] * frame_rate
+        period = beat_period(r, frame_rate)
         beats = [round(k * period) for k in range(int(last / period) + 1)]
         return rng.choice([s for s in beats if s <= last] or [0])
     return rng.randint(0, last)
@@ -84,7 +75,7 @@ def early_weights(picks, starts, frames, K, frame_rate, weight, beats=2.0):
     caption's tempo tells (later onsets repeat the period already heard)."""
     w = torch.ones(len(picks), K, frames + K - 1)
     for b, (r, s) in enumerate(zip(picks, starts)):
-        period = 60.0 / r["attributes"]["bpm"] * frame_rate
+        period = beat_period(r, frame_rate)
         if abs(s / period - round(s / period)) * period > 0.51:
             continue
         n = min(frames, int(beats * period) + 1)
@@ -103,7 +94,7 @@ def beat_phase_loss(head, hidden, picks, starts, keep, frames, frame_rate):
     target = torch.zeros(B, T, 2)
     w = torch.zeros(B, T)
     for b, (r, s) in enumerate(zip(picks, starts)):
-        period = 60.0 / r["attributes"]["bpm"] * frame_rate
+        period = beat_period(r, frame_rate)
         ph = 2 * math.pi * (s + j) / period
         target[b, :, 0], target[b, :, 1] = torch.cos(ph), torch.sin(ph)
         if keep[b]:
@@ -227,6 +218,9 @@ def main() -> int:
         opt.step()
         if beat_opt is not None:
             beat_opt.step()
+            # Optimizer.state_dict() packs the state when called (empty before the first step):
+            # refresh it so the checkpoint Trainer writes carries the head's current moments
+            tr.extra["beat_opt"] = beat_opt.state_dict()
         tr.end_step(metrics, samples=args.batch)
     model.eval()
     model.generation_config = GenerationConfig(bos_token_id=card, decoder_start_token_id=card, pad_token_id=card,

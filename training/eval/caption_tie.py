@@ -20,7 +20,6 @@ it fits). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
@@ -30,14 +29,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import codec_tokens, encode_captions, read_manifest  # noqa: E402
+from common import codec_tokens, delay_batch, encode_captions, read_manifest  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("mg_recipe", Path(__file__).resolve().parents[1] / "musicgen.py")
-_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_recipe)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from music import INSTRUMENTS as GENERATED  # noqa: E402  (data/music.py's twelve caption words)
 
+# The generator's instruments in the ring whose +5 step picks each swap (the order the reported
+# numbers were measured with; the generator's dict order would pair them differently).
 INSTRUMENTS = ["piano", "organ", "flute", "violin", "cello", "clarinet", "trumpet", "acoustic guitar", "harp",
                "strings", "marimba", "saxophone"]
+assert sorted(INSTRUMENTS) == sorted(GENERATED), "caption_tie.py's ring is out of step with data/music.py"
 
 
 def changed(row: dict, attribute: str) -> str | None:
@@ -94,7 +95,7 @@ def main() -> int:
             if other is None:
                 continue
             seg = codes[r["path"]][:, :frames]
-            inp, lab = _recipe.delay_batch([seg, seg], card)
+            inp, lab = delay_batch([seg, seg], card)
             ids, mask = encode_captions(tok, [r["text"], other])
             enc = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             logits = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp).logits

@@ -11,6 +11,9 @@ Training follows audiocraft's MagnetSolver.run_step: one codebook stage per step
 below it given, above it masked; the stage masked in spans of `span_len` at rate cos(pi/2 * u);
 cross-entropy on the masked positions of that stage; 20% caption dropout for CFG. (The span count
 is ceil(rate*T/span_len) random starts, a simpler rule than audiocraft's exact-rate table.)
+--init-from starts the LM from a trained one (e.g. under a new T5), --beat-crops and --beat-aux tie the
+caption's tempo to the beat as musicgen.py's options do (the beat head reads the transformer's output
+after its final norm, is trained only and is not exported).
 Writes OUT/model/state_dict.bin (best_state + xp.cfg) and OUT/model/t5/ (config.json,
 model.safetensors, tokenizer.json); serve with format = "audiocraft", t5 = .../t5, codec = the codec dir.
 """
@@ -27,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Trainer, base_args, build_caption_tokenizer, codec_tokens, encode_captions,  # noqa: E402
-                    import_audiocraft, read_manifest, seed_all, t5_config)
+from common import (Trainer, base_args, beat_phase_loss, build_caption_tokenizer, codec_tokens,  # noqa: E402
+                    crop_start, encode_captions, import_audiocraft, read_manifest, seed_all, t5_config)
 
 SPAN_LEN = 3
 
@@ -128,6 +131,13 @@ def main() -> int:
                    help="a MusicGen HF dir (musicgen.py's OUT/model): use its trained T5 and tokenizer, frozen "
                         "(audiocraft's MAGNeT also keeps its T5 frozen); then the served MAGNeT can share that "
                         "MusicGen's T5 and codec. Default: a new T5 trained jointly")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a magnet.py OUT/model dir (state_dict.bin): start the LM (not the T5) from its weights")
+    p.add_argument("--beat-crops", type=float, default=0.0,
+                   help="share of training segments that start on a beat of the clip (as musicgen.py)")
+    p.add_argument("--beat-aux", type=float, default=0.0,
+                   help="weight of an auxiliary loss: a linear head on the transformer's output predicts the beat "
+                        "phase of every frame (as musicgen.py); 0 = off")
     args = p.parse_args()
     if args.smoke:
         args.steps, args.batch, args.ckpt_every, args.seconds = min(args.steps, 30), 4, 10, 2
@@ -157,9 +167,27 @@ def main() -> int:
         t5 = T5EncoderModel(t5_config(tok.get_vocab_size(), 64 if args.smoke else 128, 2))
     cfg = xp_cfg(dim, 4, layers, K, card, args.seconds, t5.config.d_model)
     lm = build(ac, cfg, tok, t5, fr)
+    if args.init_from is not None and not args.resume:
+        src = torch.load(args.init_from / "state_dict.bin", weights_only=False)["best_state"]
+        own = lm.state_dict()
+        take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        lm.load_state_dict(take, strict=False)
+        print(f"init-from {args.init_from}: {len(take)} of {len(own)} tensors (the rest: T5)", flush=True)
     opt = torch.optim.AdamW([q for q in lm.parameters() if q.requires_grad], lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
     args.lr = opt.param_groups[0]["lr"]
     tr = Trainer(args, lm, opt)
+    beat_head = beat_opt = None
+    hidden = {}
+    if args.beat_aux > 0:
+        # kept out of `lm` (and so out of state_dict.bin); saved in the ckpt's extra
+        beat_head = torch.nn.Linear(dim, 2)
+        beat_opt = torch.optim.AdamW(beat_head.parameters(), lr=args.lr, weight_decay=0.0)
+        if "beat_head" in tr.extra:
+            beat_head.load_state_dict(tr.extra["beat_head"])
+            beat_opt.load_state_dict(tr.extra["beat_opt"])
+        tr.extra.update(beat_head=beat_head.state_dict(), beat_opt=beat_opt.state_dict())
+        # the transformer's output after out_norm, just before the per-codebook linears (lm.py forward)
+        lm.out_norm.register_forward_hook(lambda _m, _i, out: hidden.__setitem__("h", out))
     rng = random.Random(args.seed + tr.step)
     gen = torch.Generator().manual_seed(args.seed + tr.step)
     T = args.seconds * fr
@@ -172,10 +200,11 @@ def main() -> int:
     while not tr.done():
         tr.lr_step()
         picks = [rng.choice(train) for _ in range(args.batch)]
-        segs = []
+        segs, starts = [], []
         for r in picks:
             c = codes[r["path"]]
-            s = rng.randint(0, max(0, c.shape[1] - T))
+            s = crop_start(r, c.shape[1], T, fr, rng, args.beat_crops)
+            starts.append(s)
             seg = c[:, s: s + T]
             segs.append(torch.cat([seg, seg[:, -1:].expand(-1, T - seg.shape[1])], 1) if seg.shape[1] < T else seg)
         tokens = torch.stack(segs)  # [B, K, T]
@@ -185,15 +214,28 @@ def main() -> int:
         mask[:, stage] = sm
         mask[:, stage + 1:] = True
         inp = torch.where(mask, lm.special_token_id, tokens)
-        conds = [Attr(text={"description": None if rng.random() < 0.2 else r["text"]}) for r in picks]
+        keep = torch.tensor([rng.random() >= 0.2 for _ in picks])
+        conds = [Attr(text={"description": r["text"] if k else None}) for r, k in zip(picks, keep.tolist())]
         ct = lm.condition_provider(lm.condition_provider.tokenize(conds))
         logits = lm.compute_predictions(inp, [], ct, stage=stage).logits  # [B, K, T, card]
-        loss = F.cross_entropy(logits[:, stage][sm], tokens[:, stage][sm])
+        loss = ce = F.cross_entropy(logits[:, stage][sm], tokens[:, stage][sm])
+        metrics = dict(loss=ce.item(), stage=stage)
+        if beat_head is not None:
+            aux = beat_phase_loss(beat_head, hidden.pop("h"), picks, starts, keep, T, fr)
+            loss = ce + args.beat_aux * aux
+            metrics["beat_mse"] = aux.item()
+            beat_opt.zero_grad()
+            for g in beat_opt.param_groups:
+                g["lr"] = opt.param_groups[0]["lr"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        tr.end_step(dict(loss=loss.item(), stage=stage), samples=args.batch)
+        if beat_opt is not None:
+            beat_opt.step()
+            tr.extra["beat_opt"] = beat_opt.state_dict()  # refreshed: state_dict() packs the state when called
+            tr.extra["beat_head"] = beat_head.state_dict()
+        tr.end_step(metrics, samples=args.batch)
     lm.eval()
     dst = args.out / "model"
     (dst / "t5").mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ read `attributes.bpm` from the manifest and assume a beat at 0 s, as data/music.
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -30,26 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Trainer, base_args, build_caption_tokenizer, codec_tokens, delay_batch,  # noqa: E402
-                    encode_captions, read_manifest, seed_all, t5_config)
-
-
-def beat_period(r, frame_rate) -> float:
-    """The clip's beat period in codec frames, from its caption's tempo (`attributes.bpm`)."""
-    return 60.0 / r["attributes"]["bpm"] * frame_rate
-
-
-def crop_start(r, n_frames, frames, frame_rate, rng, beat_crops):
-    """A segment's first frame: uniform, or with probability `beat_crops` on one of the clip's
-    beats (k * 60 / bpm s; the renders start on a beat at 0 s), so the segment opens on an
-    onset at a known phase, as generation does, and where the next onset falls is decided by
-    the caption's tempo alone."""
-    last = max(0, n_frames - frames)
-    if beat_crops > 0 and rng.random() < beat_crops:
-        period = beat_period(r, frame_rate)
-        beats = [round(k * period) for k in range(int(last / period) + 1)]
-        return rng.choice([s for s in beats if s <= last] or [0])
-    return rng.randint(0, last)
+from common import (Trainer, base_args, beat_period, beat_phase_loss, build_caption_tokenizer,  # noqa: E402
+                    codec_tokens, crop_start, delay_batch, encode_captions, read_manifest, seed_all, t5_config)
 
 
 def sample_batch(rows, codes, tok, b, frames, rng, drop, frame_rate=50, beat_crops=0.0):
@@ -82,25 +63,6 @@ def early_weights(picks, starts, frames, K, frame_rate, weight, beats=2.0):
         for k in range(K):
             w[b, k, k: k + n] = weight
     return w
-
-
-def beat_phase_loss(head, hidden, picks, starts, keep, frames, frame_rate):
-    """MSE of head(hidden) against (cos, sin) of the beat phase 2 pi (start + j) / period at the
-    decoder's positions j < frames (position j predicts frame j of the first codebook; the renders
-    have a beat at frame 0, so the phase of every frame is known from the caption's tempo), over
-    the segments whose caption was kept (without it the tempo is unknown)."""
-    B, T, _ = hidden.shape
-    j = torch.arange(T, dtype=torch.float32)
-    target = torch.zeros(B, T, 2)
-    w = torch.zeros(B, T)
-    for b, (r, s) in enumerate(zip(picks, starts)):
-        period = beat_period(r, frame_rate)
-        ph = 2 * math.pi * (s + j) / period
-        target[b, :, 0], target[b, :, 1] = torch.cos(ph), torch.sin(ph)
-        if keep[b]:
-            w[b, :frames] = 1.0
-    err = ((head(hidden) - target) ** 2).sum(-1)
-    return (err * w).sum() / w.sum().clamp(min=1.0)
 
 
 def main() -> int:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Does a MusicGen listen to one attribute of its caption? A teacher-forced test, free of the
-noise of sampling and beat tracking.
+"""Does a MusicGen (or a MAGNeT) listen to one attribute of its caption? A teacher-forced test,
+free of the noise of sampling and beat tracking.
 
     /work/venv/ref/bin/python training/eval/caption_tie.py --model DIR --codec CODEC_DIR \
-        --manifest data/music/manifest.jsonl [--attribute tempo|instrument] [--n 72] [--seconds 3]
+        --manifest data/music/manifest.jsonl [--attribute tempo|instrument] [--n 72] [--seconds 3] \
+        [--kind musicgen|magnet]
 
 For each held-out test clip, the cross-entropy of its own codec tokens (the first --seconds from
 frame 0, where generation starts; the delay pattern as in training) is computed under its true
@@ -15,12 +16,20 @@ has gap ~0 and true_better ~0.5. `early_*` restrict the average to the first two
 where only the caption can tell when the second onset falls. DIR is a Hugging Face MusicGen
 directory, or a musicgen.py run directory (its ckpt.pt, with --base the HF directory whose config
 it fits). Prints JSON.
+
+With --kind magnet, DIR is a magnet.py model directory (state_dict.bin + t5/) or run directory
+(ckpt.pt, with --base the model directory whose xp.cfg and t5/ it fits), and the cross-entropy is
+that of MAGNeT's first decoding step: the first codebook (stage 0) of the segment fully masked, so
+each token is predicted from the caption and its position alone; `early_*` as above. `half_*` repeat
+the test with half the frames masked in spans (fixed per clip), the middle of the decoding.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -67,8 +76,11 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=72)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kind", choices=["musicgen", "magnet"], default="musicgen")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.kind == "magnet":
+        return magnet_tie(args)
     from tokenizers import Tokenizer
     from transformers import MusicgenForConditionalGeneration
 
@@ -116,6 +128,83 @@ def main() -> int:
                true_better=round((a[:, 0] < a[:, 1]).float().mean().item(), 3),
                early_gap=round((a[:, 3] - a[:, 2]).mean().item(), 4),
                early_true_better=round((a[:, 2] < a[:, 3]).float().mean().item(), 3))
+    print(json.dumps(out))
+    return 0
+
+
+def early_mask(r, T, rate) -> torch.Tensor:
+    """[T] bools: the first two beat periods (from the caption's tempo) of a segment from frame 0."""
+    m = torch.zeros(T, dtype=torch.bool)
+    m[: int(2 * 60.0 / r["attributes"]["bpm"] * rate) + 1] = True
+    return m
+
+
+def summarise(args, res) -> dict:
+    a = torch.tensor(res)
+    return dict(ce_true=round(a[:, 0].mean().item(), 4), ce_changed=round(a[:, 1].mean().item(), 4),
+                gap=round((a[:, 1] - a[:, 0]).mean().item(), 4),
+                true_better=round((a[:, 0] < a[:, 1]).float().mean().item(), 3),
+                early_gap=round((a[:, 3] - a[:, 2]).mean().item(), 4),
+                early_true_better=round((a[:, 2] < a[:, 3]).float().mean().item(), 3))
+
+
+def magnet_tie(args) -> int:
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer
+    from transformers import EncodecConfig, T5EncoderModel
+
+    from common import import_audiocraft
+
+    # training/magnet.py by path: tools/fixtures/magnet.py (on sys.path through common) has its name
+    spec = importlib.util.spec_from_file_location("magnet_recipe", Path(__file__).resolve().parents[1] / "magnet.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    ac = import_audiocraft()
+    base = args.base if (args.model / "ckpt.pt").exists() else args.model
+    pkg = torch.load(base / "state_dict.bin", weights_only=False)
+    cfg = OmegaConf.to_container(OmegaConf.create(pkg["xp.cfg"]))
+    tok = Tokenizer.from_file(str(base / "t5" / "tokenizer.json"))
+    t5 = T5EncoderModel.from_pretrained(base / "t5")
+    rate = EncodecConfig.from_pretrained(args.codec).frame_rate
+    lm = recipe.build(ac, cfg, tok, t5, rate)
+    if (args.model / "ckpt.pt").exists():
+        state = {k: v for k, v in torch.load(args.model / "ckpt.pt", weights_only=False)["model"].items()
+                 if ".description.t5." not in k}  # the T5 of --base (frozen in the run)
+    else:
+        state = pkg["best_state"]
+    lm.load_state_dict(state, strict=False)
+    lm.eval()
+    K, special = cfg["transformer_lm"]["n_q"], lm.special_token_id
+    Attr = ac.conditioners.ConditioningAttributes
+    rows = [r for r in read_manifest(args.manifest) if r["split"] == "test"][: args.n]
+    codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")
+    T = int(args.seconds * rate)
+    full, half = [], []
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            other = changed(r, args.attribute)
+            if other is None:
+                continue
+            tokens = codes[r["path"]][:, :T].unsqueeze(0).expand(2, -1, -1)
+            ct = lm.condition_provider(lm.condition_provider.tokenize(
+                [Attr(text={"description": r["text"]}), Attr(text={"description": other})]))
+            spans = torch.zeros(T, dtype=torch.bool)
+            g = torch.Generator().manual_seed(i)
+            for s in torch.randint(0, T - recipe.SPAN_LEN + 1, (math.ceil(0.5 * T / recipe.SPAN_LEN),),
+                                   generator=g).tolist():
+                spans[s: s + recipe.SPAN_LEN] = True
+            early = early_mask(r, T, rate)
+            for sm, out in ((torch.ones(T, dtype=torch.bool), full), (spans, half)):
+                mask = torch.zeros(2, K, T, dtype=torch.bool)
+                mask[:, 0] = sm
+                mask[:, 1:] = True
+                inp = torch.where(mask, special, tokens)
+                logits = lm.compute_predictions(inp, [], ct, stage=0).logits[:, 0]  # [2, T, card]
+                ce = F.cross_entropy(logits.transpose(1, 2), tokens[:, 0], reduction="none")  # [2, T]
+                mean = lambda w: (ce[:, w].mean(1)).tolist()  # noqa: E731
+                out.append(mean(sm) + mean(sm & early) if (sm & early).any() else mean(sm) * 2)
+    out = dict(model=str(args.model), kind="magnet", attribute=args.attribute, n=len(full), seconds=args.seconds,
+               **summarise(args, full), **{f"half_{k}": v for k, v in summarise(args, half).items()})
     print(json.dumps(out))
     return 0
 

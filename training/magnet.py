@@ -9,8 +9,12 @@ small T5 encoder trained jointly (audiocraft's T5Conditioner keeps its T5 outsid
 so the LM checkpoint holds only `...description.output_proj`, as for the public checkpoints).
 Training follows audiocraft's MagnetSolver.run_step: one codebook stage per step, uniformly; codebooks
 below it given, above it masked; the stage masked in spans of `span_len` at rate cos(pi/2 * u);
-cross-entropy on the masked positions of that stage; 20% caption dropout for CFG. (The span count
-is ceil(rate*T/span_len) random starts, a simpler rule than audiocraft's exact-rate table.)
+cross-entropy on the masked positions of that stage; 20% caption dropout for CFG. The span count
+for a rate comes from audiocraft's table (MagnetSolver._calc_mean_maskrate_to_u_LUT: u distinct
+starts mask 1 - C(T-L, u) / C(T, u) of the frames on average), so a rate near 1 masks nearly the
+whole stage, as MAGNeT's first decoding step does. (Up to the eighth sitting the recipe drew
+ceil(rate*T/span_len) starts with replacement, which masks at most ~63%: the first decoding step
+was never trained. See training/README.md, "Eighth sitting".)
 --init-from starts the LM from a trained one (e.g. under a new T5), --beat-crops and --beat-aux tie the
 caption's tempo to the beat as musicgen.py's options do (the beat head reads the transformer's output
 after its final norm, is trained only and is not exported).
@@ -113,13 +117,35 @@ def build(ac, cfg, tok, t5, frame_rate):
     return lm
 
 
-def span_mask(B, T, gen):
-    rate = torch.cos(torch.rand(B, generator=gen) * math.pi / 2)
-    m = torch.zeros(B, T, dtype=torch.bool)
-    for b in range(B):
-        n = max(1, math.ceil(float(rate[b]) * T / SPAN_LEN))
-        for s in torch.randint(0, max(1, T - SPAN_LEN + 1), (n,), generator=gen).tolist():
-            m[b, s: s + SPAN_LEN] = True
+def rate_to_spans(T: int, L: int = SPAN_LEN) -> list[int]:
+    """For each masking percentage 0..100, the number u of distinct span starts whose mean masked
+    fraction 1 - C(T-L, u) / C(T, u) first reaches it (audiocraft's MagnetSolver table, arXiv
+    2401.04577 appendix C); the ratio is a running product, free of overflow."""
+    mean, ratio = [0.0], (T - L) / T
+    for u in range(1, T):
+        mean.append(1.0 - ratio)
+        ratio *= max(0.0, (T - L - u) / (T - u))
+    out, u = [], 0
+    for pct in range(101):
+        while u < len(mean) and mean[u] < pct / 100.0:
+            u += 1
+        out.append(u)
+    return out
+
+
+def span_mask(B, T, gen, table=None, rate=None):
+    """[B, T] bools: per row, rate cos(pi/2 * U(0,1)) (or the given rate), that many distinct span
+    starts (from `table` = rate_to_spans(T)), each masking SPAN_LEN frames to its right."""
+    table = table or rate_to_spans(T)
+    if rate is None:
+        rate = torch.cos(torch.rand(B, generator=gen) * math.pi / 2)
+    else:
+        rate = torch.full((B,), float(rate))
+    k = torch.tensor([max(1, table[int(round(100 * float(r)))]) for r in rate])
+    starts = torch.rand(B, T, generator=gen).argsort(-1) < k[:, None]
+    m = starts.clone()
+    for s in range(1, SPAN_LEN):
+        m[:, s:] |= starts[:, :-s]
     return m
 
 
@@ -191,6 +217,7 @@ def main() -> int:
     rng = random.Random(args.seed + tr.step)
     gen = torch.Generator().manual_seed(args.seed + tr.step)
     T = args.seconds * fr
+    table = rate_to_spans(T)
     Attr = ac.conditioners.ConditioningAttributes
     n_params = sum(p.numel() for p in lm.parameters())
     print(f"magnet: {n_params:,} parameters (LM + T5), {len(train)} train clips", flush=True)
@@ -210,7 +237,7 @@ def main() -> int:
         tokens = torch.stack(segs)  # [B, K, T]
         stage = rng.randint(0, K - 1)
         mask = torch.zeros(args.batch, K, T, dtype=torch.bool)
-        sm = span_mask(args.batch, T, gen)
+        sm = span_mask(args.batch, T, gen, table)
         mask[:, stage] = sm
         mask[:, stage + 1:] = True
         inp = torch.where(mask, lm.special_token_id, tokens)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import random
 import sys
 from pathlib import Path
@@ -179,6 +178,7 @@ def magnet_tie(args) -> int:
     rows = [r for r in read_manifest(args.manifest) if r["split"] == "test"][: args.n]
     codes = codec_tokens(args.codec, rows, args.codec.parent / "music_codes.pt")
     T = int(args.seconds * rate)
+    table = recipe.rate_to_spans(T)
     full, half = [], []
     with torch.no_grad():
         for i, r in enumerate(rows):
@@ -188,11 +188,7 @@ def magnet_tie(args) -> int:
             tokens = codes[r["path"]][:, :T].unsqueeze(0).expand(2, -1, -1)
             ct = lm.condition_provider(lm.condition_provider.tokenize(
                 [Attr(text={"description": r["text"]}), Attr(text={"description": other})]))
-            spans = torch.zeros(T, dtype=torch.bool)
-            g = torch.Generator().manual_seed(i)
-            for s in torch.randint(0, T - recipe.SPAN_LEN + 1, (math.ceil(0.5 * T / recipe.SPAN_LEN),),
-                                   generator=g).tolist():
-                spans[s: s + recipe.SPAN_LEN] = True
+            spans = recipe.span_mask(1, T, torch.Generator().manual_seed(i), table, rate=0.5)[0]
             early = early_mask(r, T, rate)
             for sm, out in ((torch.ones(T, dtype=torch.bool), full), (spans, half)):
                 mask = torch.zeros(2, K, T, dtype=torch.bool)

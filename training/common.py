@@ -218,6 +218,35 @@ def beat_phase_loss(head, hidden, picks, starts, keep, frames, frame_rate):
     return (err * w).sum() / w.sum().clamp(min=1.0)
 
 
+
+class BeatAux:
+    """musicgen.py's and magnet.py's --beat-aux: a linear head on the model's last hidden states
+    predicting the beat phase (beat_phase_loss), with its own AdamW following the model's learning
+    rate. Kept out of the model, so out of the exported checkpoint; saved in the Trainer
+    checkpoint's `extra` (beat_head, beat_opt) and restored from it on --resume."""
+
+    def __init__(self, dim: int, tr: Trainer, lr: float):
+        self.head = torch.nn.Linear(dim, 2)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
+        self.extra = tr.extra
+        if "beat_head" in tr.extra:
+            self.head.load_state_dict(tr.extra["beat_head"])
+            self.opt.load_state_dict(tr.extra["beat_opt"])
+        tr.extra.update(beat_head=self.head.state_dict(), beat_opt=self.opt.state_dict())
+
+    def loss(self, hidden, picks, starts, keep, frames, frame_rate, lr: float) -> torch.Tensor:
+        """The auxiliary loss of this step (its gradient cleared first, its learning rate set to `lr`)."""
+        self.opt.zero_grad()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return beat_phase_loss(self.head, hidden, picks, starts, keep, frames, frame_rate)
+
+    def step(self):
+        self.opt.step()
+        # Optimizer.state_dict() packs the state when called (empty before the first step):
+        # refresh it so the checkpoint Trainer writes carries the head's current moments
+        self.extra["beat_opt"] = self.opt.state_dict()
+
 # ----------------------------------------------------------------------------- captions / text encoder
 
 def build_caption_tokenizer(captions: list[str], vocab_size: int, words: bool = False):

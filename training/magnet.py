@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Trainer, base_args, beat_phase_loss, build_caption_tokenizer, codec_tokens,  # noqa: E402
+from common import (BeatAux, Trainer, base_args, build_caption_tokenizer, codec_tokens,  # noqa: E402
                     crop_start, encode_captions, import_audiocraft, read_manifest, seed_all, t5_config)
 
 SPAN_LEN = 3
@@ -202,16 +202,10 @@ def main() -> int:
     opt = torch.optim.AdamW([q for q in lm.parameters() if q.requires_grad], lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
     args.lr = opt.param_groups[0]["lr"]
     tr = Trainer(args, lm, opt)
-    beat_head = beat_opt = None
+    beat = None
     hidden = {}
     if args.beat_aux > 0:
-        # kept out of `lm` (and so out of state_dict.bin); saved in the ckpt's extra
-        beat_head = torch.nn.Linear(dim, 2)
-        beat_opt = torch.optim.AdamW(beat_head.parameters(), lr=args.lr, weight_decay=0.0)
-        if "beat_head" in tr.extra:
-            beat_head.load_state_dict(tr.extra["beat_head"])
-            beat_opt.load_state_dict(tr.extra["beat_opt"])
-        tr.extra.update(beat_head=beat_head.state_dict(), beat_opt=beat_opt.state_dict())
+        beat = BeatAux(dim, tr, args.lr)
         # the transformer's output after out_norm, just before the per-codebook linears (lm.py forward)
         lm.out_norm.register_forward_hook(lambda _m, _i, out: hidden.__setitem__("h", out))
     rng = random.Random(args.seed + tr.step)
@@ -247,21 +241,16 @@ def main() -> int:
         logits = lm.compute_predictions(inp, [], ct, stage=stage).logits  # [B, K, T, card]
         loss = ce = F.cross_entropy(logits[:, stage][sm], tokens[:, stage][sm])
         metrics = dict(loss=ce.item(), stage=stage)
-        if beat_head is not None:
-            aux = beat_phase_loss(beat_head, hidden.pop("h"), picks, starts, keep, T, fr)
+        if beat is not None:
+            aux = beat.loss(hidden.pop("h"), picks, starts, keep, T, fr, lr=opt.param_groups[0]["lr"])
             loss = ce + args.beat_aux * aux
             metrics["beat_mse"] = aux.item()
-            beat_opt.zero_grad()
-            for g in beat_opt.param_groups:
-                g["lr"] = opt.param_groups[0]["lr"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        if beat_opt is not None:
-            beat_opt.step()
-            tr.extra["beat_opt"] = beat_opt.state_dict()  # refreshed: state_dict() packs the state when called
-            tr.extra["beat_head"] = beat_head.state_dict()
+        if beat is not None:
+            beat.step()
         tr.end_step(metrics, samples=args.batch)
     lm.eval()
     dst = args.out / "model"

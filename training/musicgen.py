@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Trainer, base_args, beat_period, beat_phase_loss, build_caption_tokenizer,  # noqa: E402
+from common import (BeatAux, Trainer, base_args, beat_period, build_caption_tokenizer,  # noqa: E402
                     codec_tokens, crop_start, delay_batch, encode_captions, read_manifest, seed_all, t5_config)
 
 
@@ -129,15 +129,7 @@ def main() -> int:
     opt = torch.optim.AdamW(params, lr=args.lr if args.lr != 1e-3 else 5e-4, weight_decay=0.01)
     args.lr = opt.param_groups[0]["lr"]
     tr = Trainer(args, model, opt)
-    beat_head = beat_opt = None
-    if args.beat_aux > 0:
-        # kept out of `model` (and so out of the exported checkpoint); saved in the ckpt's extra
-        beat_head = torch.nn.Linear(hidden, 2)
-        beat_opt = torch.optim.AdamW(beat_head.parameters(), lr=args.lr, weight_decay=0.0)
-        if "beat_head" in tr.extra:
-            beat_head.load_state_dict(tr.extra["beat_head"])
-            beat_opt.load_state_dict(tr.extra["beat_opt"])
-        tr.extra.update(beat_head=beat_head.state_dict(), beat_opt=beat_opt.state_dict())
+    beat = BeatAux(hidden, tr, args.lr) if args.beat_aux > 0 else None
     rng = random.Random(args.seed + tr.step)
     frames = int(args.seconds * frame_rate)
     n_lm = sum(p.numel() for p in params)
@@ -156,7 +148,7 @@ def main() -> int:
         mask = mask * keep[:, None]
         inp, lab = delay_batch(segs, card)
         out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=inp,
-                    output_hidden_states=beat_head is not None)
+                    output_hidden_states=beat is not None)
         logits = out.logits.reshape(args.batch, K, inp.shape[-1], card)
         ce = F.cross_entropy(logits.reshape(-1, card), lab.reshape(-1), ignore_index=-100, reduction="none")
         valid = (lab.reshape(-1) != -100).float()
@@ -167,22 +159,17 @@ def main() -> int:
         else:
             loss = plain
         metrics = dict(loss=plain.item(), weighted=loss.item())
-        if beat_head is not None:
-            aux = beat_phase_loss(beat_head, out.decoder_hidden_states[-1], picks, starts, keep, frames, frame_rate)
+        if beat is not None:
+            aux = beat.loss(out.decoder_hidden_states[-1], picks, starts, keep, frames, frame_rate,
+                            lr=opt.param_groups[0]["lr"])
             loss = loss + args.beat_aux * aux
             metrics["beat_mse"] = aux.item()
-            beat_opt.zero_grad()
-            for g in beat_opt.param_groups:
-                g["lr"] = opt.param_groups[0]["lr"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # skips the frozen T5's absent grads
         opt.step()
-        if beat_opt is not None:
-            beat_opt.step()
-            # Optimizer.state_dict() packs the state when called (empty before the first step):
-            # refresh it so the checkpoint Trainer writes carries the head's current moments
-            tr.extra["beat_opt"] = beat_opt.state_dict()
+        if beat is not None:
+            beat.step()
         tr.end_step(metrics, samples=args.batch)
     model.eval()
     model.generation_config = GenerationConfig(bos_token_id=card, decoder_start_token_id=card, pad_token_id=card,

@@ -14,6 +14,7 @@ tools/fixtures/make_untrained_default.py).
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import tempfile
@@ -30,13 +31,13 @@ from common import Trainer, base_args, read_manifest, seed_all  # noqa: E402
 SR = 32000
 
 
-def codec_config(filters: int):
+def codec_config(filters: int, codebook_size: int = 256):
     from transformers import EncodecConfig
 
     return EncodecConfig(
         sampling_rate=SR, audio_channels=1, num_filters=filters, hidden_size=64, codebook_dim=64,
-        upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1, codebook_size=256,
-        target_bandwidths=[1.6], use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
+        upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1, codebook_size=codebook_size,
+        target_bandwidths=[round(4 * 50 * math.log2(codebook_size) / 1000, 3)], use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
         norm_type="weight_norm", normalize=False, chunk_length_s=None, overlap=None)
 
 
@@ -150,6 +151,37 @@ def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99):
     return out, commit_e, torch.stack(codes, 1)
 
 
+def init_from(src: Path, filters: int, codebook_size: int):
+    """A codec to train from a trained one (an exported HF directory: no RVQ training buffers).
+
+    Every weight is copied; each codebook keeps its entries and its EMA state starts as if every
+    entry had been used once (embed_avg = embed, cluster_size = 1), so the first steps move them
+    gently instead of re-initialising them from data. With a larger `codebook_size` the extra
+    entries start dead (cluster_size 0): the first step's dead-code restart puts them on current
+    residuals, so the codebook grows from where the trained one was."""
+    from transformers import EncodecModel
+
+    old = EncodecModel.from_pretrained(src).float()
+    model = EncodecModel(codec_config(filters, codebook_size))
+    new_state = model.state_dict()
+    for k, v in old.state_dict().items():
+        if k.endswith(".codebook.embed"):
+            n = v.shape[0]
+            assert n <= codebook_size, f"{src}: {n} entries > --codebook-size {codebook_size}"
+            new_state[k][:n] = v
+            new_state[k.replace(".embed", ".embed_avg")][:n] = v
+            new_state[k.replace(".embed", ".cluster_size")][:] = 0.0
+            new_state[k.replace(".embed", ".cluster_size")][:n] = 1.0
+            new_state[k.replace(".embed", ".inited")].fill_(1.0)
+        elif k.endswith((".embed_avg", ".cluster_size", ".inited")):
+            continue
+        else:
+            assert new_state[k].shape == v.shape, f"{k}: {tuple(v.shape)} vs {tuple(new_state[k].shape)} (--filters?)"
+            new_state[k] = v
+    model.load_state_dict(new_state)
+    return model.train()
+
+
 def export(model, out: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -175,6 +207,10 @@ def main() -> int:
     # frozen) and spends all the compute on how tokens sound.
     p.add_argument("--finetune-decoder", type=Path, default=None,
                    help="HF EncodecModel directory: keep its encoder and codebooks fixed, train the decoder")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="HF EncodecModel directory (e.g. models/pretrained/encodec-tiny): start from its weights")
+    p.add_argument("--codebook-size", type=int, default=256,
+                   help="entries per codebook (MusicGen's EnCodec: 2048); with --init-from, may grow the source's")
     p.add_argument("--stft-weight", type=float, default=0.0, help="weight of the multi-resolution STFT loss")
     args = p.parse_args()
     if args.smoke:
@@ -189,8 +225,11 @@ def main() -> int:
         for q in list(model.encoder.parameters()) + list(model.quantizer.parameters()):
             q.requires_grad_(False)
         params = list(model.decoder.parameters())
+    elif args.init_from is not None and not (args.resume and (args.out / "ckpt.pt").exists()):
+        model = init_from(args.init_from, args.filters, args.codebook_size)
+        params = list(model.parameters())
     else:
-        model = EncodecModel(codec_config(args.filters)).train()
+        model = EncodecModel(codec_config(args.filters, args.codebook_size)).train()
         params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
     tr = Trainer(args, model, opt)

@@ -9,11 +9,14 @@ Reads RUNS/{codec,musicgen,magnet,asr}/model (whichever exist) and writes:
 |---|---|---|
 | codec | encodec-tiny/{config.json, model.safetensors} | Hugging Face EncodecModel |
 | musicgen | musicgen-tiny/{config.json, generation_config.json, tokenizer.json, model.safetensors} | Hugging Face MusicgenForConditionalGeneration |
-| magnet | magnet-tiny/{state_dict.bin, t5/{config.json, model.safetensors, tokenizer.json}} | audiocraft MAGNeT (`best_state` + `xp.cfg`) and the Hugging Face T5 encoder directory it was trained with (`magnet.py --t5-from` copies a MusicGen's); it decodes with encodec-tiny |
+| magnet | magnet-tiny/{state_dict.bin, t5/{config.json, model.safetensors, tokenizer.json}} | audiocraft MAGNeT (`best_state` + `xp.cfg`) and the Hugging Face T5 encoder directory it was trained with (`magnet.py --t5-from` copies a MusicGen's) |
 | asr | paraformer-tiny-en/{config.yaml, am.mvn, tokens.json, model.safetensors} | FunASR directory, with the state dict as safetensors (same keys as `model.pt`, the CTC head included for joint CTC decoding); `decoding.yaml` and the LM come from `asr_lm.py` |
 
-After exporting a codec, musicgen-tiny's embedded codec (`audio_encoder.*`) is overwritten with
-encodec-tiny's tensors, so all three music models decode alike.
+The music models' codec (`--music-codec DIR`, default RUNS/codec/model: the codec whose tokens
+musicgen.py and magnet.py were trained on) goes to magnet-tiny/codec/ and over musicgen-tiny's
+embedded codec (`audio_encoder.*`), so both music models decode alike, whenever a music model is
+exported or `--music-codec` is given. It need not be encodec-tiny: a codec trained further
+changes its tokens, and the music LMs keep the codec they were trained on.
 Floating-point tensors become float16 (halves the size; the loaders compute in float32).
 MODEL_CARD.md files are written by hand from the evaluation (training/README.md).
 """
@@ -45,6 +48,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--music-codec", type=Path, default=None,
+                    help="HF EnCodec dir the music LMs were trained on (default RUNS/codec/model)")
     args = ap.parse_args()
     done = []
     codec = args.runs / "codec" / "model"
@@ -55,18 +60,6 @@ def main() -> int:
     if mg.exists():
         export_hf(mg, args.out / "musicgen-tiny", ["config.json", "generation_config.json", "tokenizer.json"])
         done.append("musicgen-tiny")
-    if "encodec-tiny" in done and (args.out / "musicgen-tiny" / "model.safetensors").exists():
-        # MusicGen's safetensors carries its codec (audio_encoder.*): keep it identical to
-        # encodec-tiny, which magnet-tiny decodes with (e.g. after codec.py --finetune-decoder).
-        mg_file = args.out / "musicgen-tiny" / "model.safetensors"
-        state = load_file(str(mg_file))
-        codec_state = load_file(str(args.out / "encodec-tiny" / "model.safetensors"))
-        missing = [k for k in codec_state if f"audio_encoder.{k}" not in state]
-        assert not missing, f"musicgen-tiny's codec lacks {missing[:3]}"
-        changed = sum(not torch.equal(state[f"audio_encoder.{k}"], v) for k, v in codec_state.items())
-        state.update({f"audio_encoder.{k}": v for k, v in codec_state.items()})
-        save_file(state, str(mg_file), metadata={"format": "pt"})
-        print(f"musicgen-tiny: {changed} codec tensors now match encodec-tiny", flush=True)
     mag = args.runs / "magnet" / "model"
     if mag.exists():
         pkg = torch.load(mag / "state_dict.bin", map_location="cpu", weights_only=False)
@@ -75,6 +68,23 @@ def main() -> int:
         torch.save(pkg, args.out / "magnet-tiny" / "state_dict.bin")
         export_hf(mag / "t5", args.out / "magnet-tiny" / "t5", ["config.json", "tokenizer.json"])
         done.append("magnet-tiny")
+    music_codec = args.music_codec or (codec if codec.exists() else None)
+    music = {"musicgen-tiny", "magnet-tiny"} & set(done)
+    if music_codec is not None and (music or args.music_codec is not None):
+        if (args.out / "magnet-tiny").exists():
+            export_hf(music_codec, args.out / "magnet-tiny" / "codec", ["config.json"])
+        mg_file = args.out / "musicgen-tiny" / "model.safetensors"
+        if mg_file.exists():
+            # MusicGen's safetensors carries its codec (audio_encoder.*): keep it identical to
+            # magnet-tiny's, so the hybrid schedule and rescoring mix tokens of one codec.
+            state = load_file(str(mg_file))
+            codec_state = half(load_file(str(music_codec / "model.safetensors")))
+            missing = [k for k in codec_state if f"audio_encoder.{k}" not in state]
+            assert not missing, f"musicgen-tiny's codec lacks {missing[:3]}"
+            changed = sum(not torch.equal(state[f"audio_encoder.{k}"], v) for k, v in codec_state.items())
+            state.update({f"audio_encoder.{k}": v for k, v in codec_state.items()})
+            save_file(state, str(mg_file), metadata={"format": "pt"})
+            print(f"musicgen-tiny: {changed} codec tensors changed to {music_codec}'s", flush=True)
     asr = args.runs / "asr" / "model"
     if asr.exists():
         dst = args.out / "paraformer-tiny-en"

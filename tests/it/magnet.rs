@@ -423,7 +423,7 @@ fn magnet_tiny_files_serve_as_a_public_checkpoint_does() -> Result<()> {
         &[entry(
             dir.join("magnet-tiny").display().to_string(),
             path("magnet-tiny/t5"),
-            path("encodec-tiny"),
+            path("magnet-tiny/codec"),
             Some("audiocraft-magnet".into()),
         )],
         None,

@@ -52,15 +52,17 @@ const EMBEDDED_MUSIC: &[EmbeddedMusic] = &[EmbeddedMusic {
 
 /// An embedded MAGNeT: an audiocraft `state_dict.bin` LM, the T5 directory it was trained with
 /// (`t5/`: `config.json`, `model.safetensors`, `tokenizer.json`, what a configuration's `t5`
-/// names) and an embedded codec.
+/// names) and the codec whose tokens it was trained on (`codec/`: an HF EnCodec directory, what
+/// a configuration's `codec` names; audiocraft ships it beside the LM as
+/// `compression_state_dict.bin`).
 struct EmbeddedMagnet {
     name: &'static str,
     state_dict: &'static [u8],
     t5_config_json: &'static str,
     t5_weights: &'static [u8],
     t5_tokenizer_json: &'static [u8],
-    /// The [`EMBEDDED`] codec it decodes with.
-    codec: &'static str,
+    codec_config_json: &'static str,
+    codec_weights: &'static [u8],
     card: &'static str,
     untrained: bool,
 }
@@ -71,7 +73,8 @@ const EMBEDDED_MAGNET: &[EmbeddedMagnet] = &[EmbeddedMagnet {
     t5_config_json: include_str!("../../../models/pretrained/magnet-tiny/t5/config.json"),
     t5_weights: include_bytes!("../../../models/pretrained/magnet-tiny/t5/model.safetensors"),
     t5_tokenizer_json: include_bytes!("../../../models/pretrained/magnet-tiny/t5/tokenizer.json"),
-    codec: "encodec-tiny",
+    codec_config_json: include_str!("../../../models/pretrained/magnet-tiny/codec/config.json"),
+    codec_weights: include_bytes!("../../../models/pretrained/magnet-tiny/codec/model.safetensors"),
     card: include_str!("../../../models/pretrained/magnet-tiny/MODEL_CARD.md"),
     untrained: false,
 }];
@@ -592,7 +595,7 @@ fn load_magnet(
                 .iter()
                 .find(|m| m.name == n)
                 .ok_or_else(|| format!("no embedded MAGNeT '{n}'"))?;
-            let (_, codec) = embedded_codec(emb.codec, device)?;
+            let codec = codec_from_bytes(emb.codec_config_json, emb.codec_weights, device)?;
             let (t5, tokenizer) = Magnet::t5_from_bytes(
                 emb.t5_config_json,
                 emb.t5_weights,
@@ -747,11 +750,15 @@ fn embedded_codec(
             embedded_names().join(", ")
         )
     })?;
-    let cfg = Encodec::parse_config(emb.config_json).map_err(|e| e.to_string())?;
+    Ok((emb, codec_from_bytes(emb.config_json, emb.weights, device)?))
+}
+
+/// An EnCodec from the bytes of an HF directory's `config.json` and `model.safetensors`.
+fn codec_from_bytes(config_json: &str, weights: &[u8], device: &Device) -> Result<Encodec, String> {
+    let cfg = Encodec::parse_config(config_json).map_err(|e| e.to_string())?;
     let tensors =
-        candle_core::safetensors::load_buffer(emb.weights, device).map_err(|e| e.to_string())?;
-    let model = Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())?;
-    Ok((emb, model))
+        candle_core::safetensors::load_buffer(weights, device).map_err(|e| e.to_string())?;
+    Encodec::from_tensors(&cfg, tensors, device).map_err(|e| e.to_string())
 }
 
 fn load_codec(

@@ -36,8 +36,9 @@ def codec_config(filters: int, codebook_size: int = 256):
 
     return EncodecConfig(
         sampling_rate=SR, audio_channels=1, num_filters=filters, hidden_size=64, codebook_dim=64,
-        upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1, codebook_size=codebook_size,
-        target_bandwidths=[round(4 * 50 * math.log2(codebook_size) / 1000, 3)], use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
+        upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1,
+        codebook_size=codebook_size, target_bandwidths=[round(4 * 50 * math.log2(codebook_size) / 1000, 3)],
+        use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
         norm_type="weight_norm", normalize=False, chunk_length_s=None, overlap=None)
 
 
@@ -225,11 +226,9 @@ def main() -> int:
         for q in list(model.encoder.parameters()) + list(model.quantizer.parameters()):
             q.requires_grad_(False)
         params = list(model.decoder.parameters())
-    elif args.init_from is not None and not (args.resume and (args.out / "ckpt.pt").exists()):
-        model = init_from(args.init_from, args.filters, args.codebook_size)
-        params = list(model.parameters())
-    else:
-        model = EncodecModel(codec_config(args.filters, args.codebook_size)).train()
+    else:  # on --resume the Trainer loads the checkpoint over either start
+        model = (init_from(args.init_from, args.filters, args.codebook_size) if args.init_from is not None
+                 else EncodecModel(codec_config(args.filters, args.codebook_size)).train())
         params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
     tr = Trainer(args, model, opt)

@@ -68,9 +68,10 @@ def main() -> int:
         torch.save(pkg, args.out / "magnet-tiny" / "state_dict.bin")
         export_hf(mag / "t5", args.out / "magnet-tiny" / "t5", ["config.json", "tokenizer.json"])
         done.append("magnet-tiny")
-    music_codec = args.music_codec or (codec if codec.exists() else None)
-    music = {"musicgen-tiny", "magnet-tiny"} & set(done)
-    if music_codec is not None and (music or args.music_codec is not None):
+    # given, or the codec run whenever a music model was exported
+    music_exported = bool({"musicgen-tiny", "magnet-tiny"} & set(done))
+    music_codec = args.music_codec or (codec if music_exported and codec.exists() else None)
+    if music_codec is not None:
         if (args.out / "magnet-tiny").exists():
             export_hf(music_codec, args.out / "magnet-tiny" / "codec", ["config.json"])
         mg_file = args.out / "musicgen-tiny" / "model.safetensors"

@@ -192,6 +192,75 @@ async fn stream_encode_matches_reference_codes() -> Result<()> {
     srv.stop().await
 }
 
+/// `bandwidth_kbps = 0` means the model's highest bandwidth, as the API documents, for the
+/// unary and the streaming encode alike (Hugging Face's `encode(bandwidth=None)`, which the
+/// library keeps, takes the lowest).
+#[tokio::test]
+async fn zero_bandwidth_means_the_models_highest() -> Result<()> {
+    let srv = TestServer::default().await?;
+    let mut c = srv.codec().await?;
+    let fx = Fixture::load("causal24")?;
+    let (shape, input) = fx.f32("input");
+    let (cshape, want) = fx.u32("codes.3.0");
+    let (n_q, frames) = (cshape[2], cshape[3]);
+    assert!(
+        n_q > fx.u32("codes.1.5").0[2],
+        "the fixture's bandwidths differ in codebooks"
+    );
+    let resp = c
+        .encode(pb::EncodeRequest {
+            model: model("causal24"),
+            audio: f32le(&input),
+            format: raw_f32(24000, 1),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(resp.bandwidth_kbps, 3.0);
+    let codes = resp.codes.unwrap();
+    assert_eq!(
+        (codes.num_codebooks as usize, codes.frames as usize),
+        (n_q, frames)
+    );
+    assert_eq!(codes.codes, want);
+
+    let msgs = vec![
+        pb::StreamEncodeRequest {
+            config: Some(pb::StreamEncodeConfig {
+                model: model("causal24"),
+                format: raw_f32(24000, 1),
+                ..Default::default()
+            }),
+            audio: vec![],
+        },
+        pb::StreamEncodeRequest {
+            config: None,
+            audio: f32le(&input[..shape[2]]),
+        },
+    ];
+    let mut stream = c
+        .stream_encode(tokio_stream::iter(msgs))
+        .await?
+        .into_inner();
+    let (mut rows, mut done) = (vec![Vec::new(); n_q], None);
+    while let Some(msg) = stream.next().await {
+        match msg?.event {
+            Some(pb::encode_chunk::Event::Codes(cd)) => {
+                assert_eq!(cd.num_codebooks as usize, n_q);
+                let f = cd.frames as usize;
+                for (q, row) in rows.iter_mut().enumerate() {
+                    row.extend_from_slice(&cd.codes[q * f..(q + 1) * f]);
+                }
+            }
+            Some(pb::encode_chunk::Event::Done(d)) => done = Some(d),
+            _ => {}
+        }
+    }
+    assert_eq!(done.expect("a final summary").bandwidth_kbps, 3.0);
+    assert_eq!(rows.concat(), want);
+    srv.stop().await
+}
+
 /// A WAV file at another rate and channel count is decoded, downmixed and resampled by the
 /// server; the round trip through the codec returns audio of the same duration.
 #[tokio::test]

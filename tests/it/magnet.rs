@@ -452,3 +452,72 @@ fn magnet_tiny_files_serve_as_a_public_checkpoint_does() -> Result<()> {
     );
     Ok(())
 }
+
+/// A MusicGen whose codec has magnet-tiny's configuration but other codebook entries (a codec
+/// trained apart) is refused as magnet-tiny's prefix or rescoring model when the configuration
+/// loads, naming the codebooks; the same files with the codec untouched are accepted. The
+/// float16 files and the embedded model agree to the precision `same_codebooks` allows.
+#[test]
+fn a_prefix_model_on_another_codecs_codebooks_is_refused() -> Result<()> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/pretrained/musicgen-tiny");
+    let copy = |name: &str, scale: f64| -> Result<PathBuf> {
+        let dst = std::env::temp_dir().join(format!("cadenza-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dst)?;
+        for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+            std::fs::copy(src.join(f), dst.join(f))?;
+        }
+        let mut t = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)?;
+        for q in 0..4 {
+            let k = format!("audio_encoder.quantizer.layers.{q}.codebook.embed");
+            let e = &t[&k];
+            let scaled = (e.to_dtype(candle_core::DType::F32)? * scale)?.to_dtype(e.dtype())?;
+            t.insert(k, scaled);
+        }
+        candle_core::safetensors::save(&t, dst.join("model.safetensors"))?;
+        Ok(dst)
+    };
+    let load = |prefix_dir: &PathBuf, field: &str| {
+        let entry = |name: &str, source: String, schedule| ModelEntry {
+            name: name.into(),
+            kind: ModelKind::Music,
+            source,
+            card: None,
+            format: None,
+            t5: None,
+            codec: None,
+            schedule,
+            second_pass: None,
+            decoding: None,
+        };
+        let mut schedule = cadenza_engine::ScheduleDefaults::default();
+        match field {
+            "prefix_model" => {
+                schedule.kind = Some("hybrid".into());
+                schedule.prefix_model = Some("ar".into());
+            }
+            _ => schedule.rescore_with = Some("ar".into()),
+        }
+        Registry::load(
+            &[
+                entry("ar", prefix_dir.display().to_string(), None),
+                entry("magnet", "embedded:magnet-tiny".into(), Some(schedule)),
+            ],
+            None,
+            &Device::Cpu,
+        )
+    };
+    let same = copy("mg-same", 1.0)?;
+    let other = copy("mg-other", 1.05)?;
+    for field in ["prefix_model", "rescore_with"] {
+        load(&same, field).map_err(anyhow::Error::msg)?;
+        let err = load(&other, field).expect_err("another codec's codebooks were accepted");
+        assert!(
+            err.contains(&format!("schedule.{field}")) && err.contains("codebook entries"),
+            "{err}"
+        );
+    }
+    for d in [same, other] {
+        std::fs::remove_dir_all(d)?;
+    }
+    Ok(())
+}

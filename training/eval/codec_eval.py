@@ -45,12 +45,19 @@ def main() -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=50)
     ap.add_argument("--write-decoded", type=Path, default=None)
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="kbps, one of the model's target_bandwidths (default: the highest)")
+    ap.add_argument("--unquantized", action="store_true",
+                    help="diagnostic: decode the encoder's continuous output, skipping the RVQ "
+                         "(the ceiling any bandwidth of this encoder/decoder pair can reach)")
     args = ap.parse_args()
     from transformers import EncodecModel
 
     torch.set_num_threads(2)
     model = EncodecModel.from_pretrained(args.model).eval()
     sr = model.config.sampling_rate
+    kbps = args.bandwidth if args.bandwidth is not None else model.config.target_bandwidths[-1]
+    assert kbps in model.config.target_bandwidths, f"{kbps} kbps: not in {model.config.target_bandwidths}"
     rows = read_manifest(args.manifest, args.split)[: args.limit]
     res, out_rows = [], []
     if args.write_decoded:
@@ -58,8 +65,12 @@ def main() -> int:
     for i, r in enumerate(rows):
         x = load_audio(r["path"], sr)
         with torch.no_grad():
-            codes = model.encode(torch.from_numpy(x)[None, None]).audio_codes
-            y = model.decode(codes, [None]).audio_values[0, 0, : len(x)].numpy()
+            wav = torch.from_numpy(x)[None, None]
+            if args.unquantized:
+                y = model.decoder(model.encoder(wav))[0, 0, : len(x)].numpy()
+            else:
+                codes = model.encode(wav, bandwidth=kbps).audio_codes
+                y = model.decode(codes, [None]).audio_values[0, 0, : len(x)].numpy()
         res.append(dict(si_sdr=si_sdr(x, y), mel=mel_distance(x, y, sr)))
         if args.write_decoded:
             native = sf.info(r["path"]).samplerate
@@ -71,7 +82,7 @@ def main() -> int:
         write_manifest(args.write_decoded / "manifest.jsonl", out_rows)
     report = dict(n=len(res), si_sdr_db=round(float(np.mean([r["si_sdr"] for r in res])), 3),
                   mel_l1=round(float(np.mean([r["mel"] for r in res])), 4), sample_rate=sr,
-                  kbps=model.config.target_bandwidths[-1])
+                  kbps=None if args.unquantized else kbps)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -1234,6 +1234,21 @@ impl Encodec {
         &self.device
     }
 
+    /// Whether the first `n_q` codebooks of `self` and `other` hold the same entries, to float16
+    /// precision (a codec shipped in float16 and the same codec in float32 agree; two codecs
+    /// trained apart do not): with equal codebooks, a code means the same latent vector in both.
+    /// False if either has fewer than `n_q` codebooks or their shapes differ.
+    pub fn same_codebooks(&self, other: &Encodec, n_q: usize) -> bool {
+        let (a, b) = (&self.quantizer.embeds, &other.quantizer.embeds);
+        n_q <= a.len()
+            && n_q <= b.len()
+            && a.iter().zip(b).take(n_q).all(|(x, y)| {
+                x.len() == y.len()
+                    // float16 keeps 11 significant bits: relative rounding error <= 2^-11
+                    && x.iter().zip(y).all(|(u, v)| (u - v).abs() <= 1e-3 * u.abs().max(v.abs()) + 1e-6)
+            })
+    }
+
     /// Bandwidth check: `None` or one of `target_bandwidths`.
     pub fn check_bandwidth(&self, bandwidth: Option<f32>) -> Result<usize> {
         if let Some(bw) = bandwidth

@@ -208,7 +208,7 @@ enum EncodeState {
 pub(crate) struct EncodeTask {
     base: Base<CodecEvent>,
     model: Arc<CodecModel>,
-    bandwidth: Option<f32>,
+    bandwidth: f32,
     n_q: usize,
     limits: Limits,
     step_samples: usize,
@@ -226,7 +226,7 @@ impl EncodeTask {
         out: Output,
         meta: Meta,
     ) -> Result<Self, EngineError> {
-        let n_q = check_bandwidth(&model, bandwidth)?;
+        let (bandwidth, n_q) = resolve_bandwidth(&model, bandwidth)?;
         let cfg = model.model.config();
         let hop = cfg.hop_length();
         let step_samples = ((step_seconds * cfg.sampling_rate as f64) as usize)
@@ -260,7 +260,7 @@ impl EncodeTask {
                 let enc = if cfg.chunk_length().is_some() {
                     None
                 } else {
-                    Some(StreamEncoder::new(m, Some(self.bandwidth_or_default()))?)
+                    Some(StreamEncoder::new(m, Some(self.bandwidth))?)
                 };
                 self.state = Some(EncodeState::Running {
                     pcm: pcm_to_tensor(&pcm)?,
@@ -327,7 +327,7 @@ impl EncodeTask {
                 if done {
                     self.base.out.push(CodecEvent::Encoded {
                         num_samples: len as u64,
-                        bandwidth_kbps: self.bandwidth_or_default(),
+                        bandwidth_kbps: self.bandwidth,
                         num_codebooks: self.n_q,
                     });
                 } else {
@@ -337,11 +337,6 @@ impl EncodeTask {
             }
             None => Ok(true),
         }
-    }
-
-    fn bandwidth_or_default(&self) -> f32 {
-        self.bandwidth
-            .unwrap_or(self.model.model.config().target_bandwidths[0])
     }
 
     fn total_steps(&self, len: usize) -> u32 {
@@ -366,14 +361,24 @@ impl Stepper for EncodeTask {
     }
 }
 
-/// Validates a bandwidth (kbps; `None` = the model's smallest) and returns its codebook count.
-pub(crate) fn check_bandwidth(
+/// Resolves a requested bandwidth (kbps; `None` = the model's highest, as the API documents)
+/// to the bandwidth used and its codebook count, or says which ones the model supports.
+///
+/// The library's `Encodec` keeps Hugging Face's default (`encode(bandwidth=None)` takes
+/// `target_bandwidths[0]`, the lowest); the service's default is the best quality a model has,
+/// which for a single-bandwidth model is the same.
+pub(crate) fn resolve_bandwidth(
     model: &CodecModel,
     bandwidth: Option<f32>,
-) -> Result<usize, EngineError> {
+) -> Result<(f32, usize), EngineError> {
     let cfg = model.model.config();
-    let bw = bandwidth.unwrap_or(cfg.target_bandwidths[0]);
-    model.model.check_bandwidth(Some(bw)).map_err(|_| {
+    let bw = bandwidth.unwrap_or_else(|| {
+        cfg.target_bandwidths
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max)
+    });
+    let n_q = model.model.check_bandwidth(Some(bw)).map_err(|_| {
         EngineError::invalid(
             "bandwidth_kbps",
             format!(
@@ -381,7 +386,8 @@ pub(crate) fn check_bandwidth(
                 model.info.name, cfg.target_bandwidths
             ),
         )
-    })
+    })?;
+    Ok((bw, n_q))
 }
 
 /// Frames per chunk of a chunked model (codes of every chunk are padded to this).
@@ -588,8 +594,7 @@ impl StreamEncodeTask {
         limits
             .check_channels(channels as usize)
             .map_err(|e| EngineError::audio("format.channels", e))?;
-        let n_q = check_bandwidth(&model, bandwidth)?;
-        let bandwidth = bandwidth.unwrap_or(cfg.target_bandwidths[0]);
+        let (bandwidth, n_q) = resolve_bandwidth(&model, bandwidth)?;
         let resampler =
             StreamResampler::new(sample_rate, cfg.sampling_rate, cfg.audio_channels as u16)
                 .map_err(|e| EngineError::audio("format.sample_rate_hz", e))?;

@@ -218,9 +218,9 @@ impl MusicModel {
     }
 
     /// Whether `other` produces and reads the same tokens: the same codec configuration
-    /// (sample rate, channels, hop length, codebook size) and the same LM codebooks and
-    /// cards. Weights are not compared (a checkpoint names its codec, it does not carry it);
-    /// two models configured with different codec weights of the same shape pass this check.
+    /// (sample rate, channels, hop length, codebook size), the same LM codebooks and cards,
+    /// and the same codebook entries in the codebooks the LMs model (to float16 precision), so
+    /// two models on codecs of one shape but trained apart are told apart.
     pub fn same_codec(&self, other: &MusicModel) -> Result<(), String> {
         let (a, b) = (self.codec().config(), other.codec().config());
         let diffs = [
@@ -240,6 +240,16 @@ impl MusicModel {
                 "'{}' and '{}' do not share a codec ({what} {x} vs {y})",
                 self.info.name, other.info.name
             )),
+            None if !self
+                .codec()
+                .same_codebooks(other.codec(), self.num_codebooks()) =>
+            {
+                Err(format!(
+                    "'{}' and '{}' do not share a codec (same configuration, different \
+                     codebook entries: their codecs were trained apart, so their tokens differ)",
+                    self.info.name, other.info.name
+                ))
+            }
             None => Ok(()),
         }
     }

@@ -135,6 +135,34 @@ async fn decode_matches_reference_audio_unary_and_streaming() -> Result<()> {
     srv.stop().await
 }
 
+/// Runs a streaming encode; returns its codes codebook by codebook (every chunk must carry `n_q`
+/// codebooks) and its final summary.
+async fn stream_encode_codes(
+    c: &mut pb::codec_client::CodecClient<tonic::transport::Channel>,
+    msgs: Vec<pb::StreamEncodeRequest>,
+    n_q: usize,
+) -> Result<(Vec<Vec<u32>>, pb::EncodeResponse)> {
+    let mut stream = c
+        .stream_encode(tokio_stream::iter(msgs))
+        .await?
+        .into_inner();
+    let (mut rows, mut done) = (vec![Vec::new(); n_q], None);
+    while let Some(msg) = stream.next().await {
+        match msg?.event {
+            Some(pb::encode_chunk::Event::Codes(cd)) => {
+                assert_eq!(cd.num_codebooks as usize, n_q);
+                let f = cd.frames as usize;
+                for (q, row) in rows.iter_mut().enumerate() {
+                    row.extend_from_slice(&cd.codes[q * f..(q + 1) * f]);
+                }
+            }
+            Some(pb::encode_chunk::Event::Done(d)) => done = Some(d),
+            _ => {}
+        }
+    }
+    Ok((rows, done.expect("a final summary")))
+}
+
 /// Streaming encode of raw PCM in uneven chunks gives the reference codes.
 #[tokio::test]
 async fn stream_encode_matches_reference_codes() -> Result<()> {
@@ -165,25 +193,7 @@ async fn stream_encode_matches_reference_codes() -> Result<()> {
         });
         pos += n;
     }
-    let mut stream = c
-        .stream_encode(tokio_stream::iter(msgs))
-        .await?
-        .into_inner();
-    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n_q];
-    let mut done = None;
-    while let Some(msg) = stream.next().await {
-        match msg?.event {
-            Some(pb::encode_chunk::Event::Codes(cd)) => {
-                let f = cd.frames as usize;
-                for (q, row) in rows.iter_mut().enumerate() {
-                    row.extend_from_slice(&cd.codes[q * f..(q + 1) * f]);
-                }
-            }
-            Some(pb::encode_chunk::Event::Done(d)) => done = Some(d),
-            _ => {}
-        }
-    }
-    let done = done.expect("a final summary");
+    let (rows, done) = stream_encode_codes(&mut c, msgs, n_q).await?;
     assert_eq!(done.num_samples as usize, shape[2]);
     for (q, row) in rows.iter().enumerate() {
         assert_eq!(row.len(), frames);
@@ -238,25 +248,8 @@ async fn zero_bandwidth_means_the_models_highest() -> Result<()> {
             audio: f32le(&input[..shape[2]]),
         },
     ];
-    let mut stream = c
-        .stream_encode(tokio_stream::iter(msgs))
-        .await?
-        .into_inner();
-    let (mut rows, mut done) = (vec![Vec::new(); n_q], None);
-    while let Some(msg) = stream.next().await {
-        match msg?.event {
-            Some(pb::encode_chunk::Event::Codes(cd)) => {
-                assert_eq!(cd.num_codebooks as usize, n_q);
-                let f = cd.frames as usize;
-                for (q, row) in rows.iter_mut().enumerate() {
-                    row.extend_from_slice(&cd.codes[q * f..(q + 1) * f]);
-                }
-            }
-            Some(pb::encode_chunk::Event::Done(d)) => done = Some(d),
-            _ => {}
-        }
-    }
-    assert_eq!(done.expect("a final summary").bandwidth_kbps, 3.0);
+    let (rows, done) = stream_encode_codes(&mut c, msgs, n_q).await?;
+    assert_eq!(done.bandwidth_kbps, 3.0);
     assert_eq!(rows.concat(), want);
     srv.stop().await
 }

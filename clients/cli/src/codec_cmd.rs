@@ -27,7 +27,7 @@ pub enum CodecAction {
         /// Output .safetensors file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Bandwidth in kbps; must be one the model lists (default: its smallest).
+        /// Bandwidth in kbps; must be one the model lists (default: its highest).
         #[arg(long)]
         bandwidth: Option<f32>,
     },

@@ -165,12 +165,11 @@ def init_from(src: Path, filters: int, codebook_size: int):
     old = EncodecModel.from_pretrained(src).float()
     model = EncodecModel(codec_config(filters, codebook_size))
     new_state = model.state_dict()
-    extra = old.config.num_quantizers - model.config.num_quantizers
-    if extra > 0:  # e.g. codebooks added by codec_rvq_extend.py: fitted to this encoder, refit after
+    if old.config.num_quantizers > model.config.num_quantizers:  # e.g. codebooks added by codec_rvq_extend.py: fitted to this encoder, refit after
         print(f"{src}: keeping the first {model.config.num_quantizers} of {old.config.num_quantizers} "
               "codebooks (refit the rest with codec_rvq_extend.py after training)", flush=True)
     for k, v in old.state_dict().items():
-        if k not in new_state and ".quantizer.layers." in f".{k}":
+        if k.startswith("quantizer.layers.") and k not in new_state:  # a codebook past this model's
             continue
         if k.endswith(".codebook.embed"):
             n = v.shape[0]

@@ -43,6 +43,11 @@ def load(src: Path, filters: int):
     return EncodecModel.from_pretrained(src).float().eval()
 
 
+def residual(r: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """What one RVQ stage leaves: each frame less its nearest entry of `book`."""
+    return r - book[torch.cdist(r, book).argmin(1)]
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding; an emptied cluster restarts on the worst-fit point."""
     c = x[torch.randint(len(x), (1,), generator=gen)]
@@ -101,28 +106,22 @@ def main() -> int:
             frames.append(e.permute(0, 2, 1).reshape(-1, e.shape[1]))
     r = torch.cat(frames)
     energy = [float((r ** 2).sum(1).mean())]
-    for layer in src.quantizer.layers[:n_old]:
-        r = r - layer.codebook.embed[torch.cdist(r, layer.codebook.embed).argmin(1)]
-        energy.append(float((r ** 2).sum(1).mean()))
     gen = torch.Generator().manual_seed(args.seed)
     books = []
-    for _ in range(args.add):
-        c = kmeans(r, cfg.codebook_size, args.iters, gen)
-        books.append(c)
-        r = r - c[torch.cdist(r, c).argmin(1)]
+    for j in range(n_old + args.add):
+        if j < n_old:
+            book = src.quantizer.layers[j].codebook.embed
+        else:
+            book = kmeans(r, cfg.codebook_size, args.iters, gen)
+            books.append(book)
+        r = residual(r, book)
         energy.append(float((r ** 2).sum(1).mean()))
 
+    # the new layers' EMA training buffers stay as initialised: export() drops them
     model = EncodecModel(new_cfg).eval()
-    state = model.state_dict()
-    for k, v in src.state_dict().items():
-        state[k] = v
-    for j, c in enumerate(books):
-        pre = f"quantizer.layers.{n_old + j}.codebook."
-        state[pre + "embed"] = c
-        if pre + "embed_avg" in state:
-            state[pre + "embed_avg"] = c.clone()
-            state[pre + "cluster_size"] = torch.ones_like(state[pre + "cluster_size"])
-            state[pre + "inited"] = torch.ones_like(state[pre + "inited"])
+    state = {**model.state_dict(), **src.state_dict()}
+    for j, book in enumerate(books):
+        state[f"quantizer.layers.{n_old + j}.codebook.embed"] = book
     model.load_state_dict(state)
     export(model, args.out)
     report = dict(frames=len(r), codebooks=new_cfg.num_quantizers, target_bandwidths=bws,

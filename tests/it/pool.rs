@@ -168,6 +168,25 @@ async fn priority_is_read_from_the_request_or_header() -> Result<()> {
     srv.stop().await
 }
 
+/// A shutdown requested before or during the warm-up is obeyed at once, not after every model
+/// has run (which takes long on a busy machine): `serve` returns without warming anything.
+#[tokio::test]
+async fn shutdown_during_warm_up_is_obeyed_at_once() -> Result<()> {
+    let cfg = cadenza_server::Config::parse(&test_config("warmup = true"), None)
+        .map_err(anyhow::Error::msg)?;
+    let engine = cadenza_engine::Engine::start(cfg.engine.clone(), &cfg.models, None)
+        .map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let served = cadenza_server::serve_with(&cfg, engine.clone(), listener, None, async {});
+    tokio::time::timeout(Duration::from_secs(30), served).await??;
+    assert_eq!(
+        engine.metrics().steps("musicgen"),
+        0,
+        "warm-up was abandoned"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn warm_up_runs_every_model_before_serving() -> Result<()> {
     let srv = TestServer::start(&test_config("warmup = true")).await?;

@@ -190,22 +190,34 @@ pub async fn serve_with(
     });
     tracing::info!(%addr, models = engine.models().len(), "listening; warming up");
 
+    // A shutdown during the warm-up (which can take long on a busy or slow machine) is obeyed
+    // at once: the warm-up is abandoned and in-flight streams drain as usual.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut stopped = false;
     if cfg.engine.warmup {
-        match engine.warmup().await {
-            Ok(t) => tracing::info!(took = ?t, "warm-up done"),
-            Err(e) => {
-                tracing::error!(error = %e, "warm-up failed");
-                let _ = stop_tx.send(());
-                engine.shutdown();
-                anyhow::bail!("warm-up failed: {e}");
+        tokio::select! {
+            biased; // a shutdown already requested wins
+            () = &mut shutdown => {
+                tracing::info!("shutdown requested during warm-up; warm-up abandoned");
+                stopped = true;
             }
+            r = engine.warmup() => match r {
+                Ok(t) => tracing::info!(took = ?t, "warm-up done"),
+                Err(e) => {
+                    tracing::error!(error = %e, "warm-up failed");
+                    let _ = stop_tx.send(());
+                    engine.shutdown();
+                    anyhow::bail!("warm-up failed: {e}");
+                }
+            },
         }
     }
-    serving.store(true, Ordering::SeqCst);
-    set_health(&health_reporter, &names, true).await;
-    tracing::info!(%addr, "serving");
-
-    shutdown.await;
+    if !stopped {
+        serving.store(true, Ordering::SeqCst);
+        set_health(&health_reporter, &names, true).await;
+        tracing::info!(%addr, "serving");
+        shutdown.await;
+    }
     serving.store(false, Ordering::SeqCst);
     let result = drain(cfg, &health_reporter, &names, stop_tx, server).await;
     engine.shutdown();

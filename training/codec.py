@@ -31,34 +31,45 @@ from common import Trainer, base_args, read_manifest, seed_all  # noqa: E402
 SR = 32000
 
 
-def codec_config(filters: int, codebook_size: int = 256):
+def codec_config(filters: int, codebook_size: int = 256, codebooks: int = 4):
+    """`codebooks` in groups of 4, one bandwidth per group (4: 1.6 kbps; 8: 1.6 and 3.2 kbps)."""
     from transformers import EncodecConfig
+
+    assert codebooks % 4 == 0 and codebooks > 0, f"codebooks {codebooks}: a multiple of 4"
+    kbps = 4 * 50 * math.log2(codebook_size) / 1000
 
     return EncodecConfig(
         sampling_rate=SR, audio_channels=1, num_filters=filters, hidden_size=64, codebook_dim=64,
         upsampling_ratios=[8, 5, 4, 4], num_lstm_layers=1, num_residual_layers=1,
-        codebook_size=codebook_size, target_bandwidths=[round(4 * 50 * math.log2(codebook_size) / 1000, 3)],
+        codebook_size=codebook_size, target_bandwidths=[round(g * kbps, 3) for g in range(1, codebooks // 4 + 1)],
         use_causal_conv=False, use_conv_shortcut=False, pad_mode="reflect",
         norm_type="weight_norm", normalize=False, chunk_length_s=None, overlap=None)
 
 
 class Crops:
-    """Random `seconds`-long crops of the train clips, speech and music alternately."""
+    """Random `seconds`-long crops of the train clips: speech and music alternately, or speech with
+    probability `speech_frac`."""
 
-    def __init__(self, data: Path, seconds: float, seed: int):
+    def __init__(self, data: Path, seconds: float, seed: int, speech_frac: float | None = None):
         self.groups = []
+        self.speech_frac = speech_frac
         for sub in ("music", "speech"):
             m = data / sub / "manifest.jsonl"
             if m.exists():
                 self.groups.append([r for r in read_manifest(m) if r["split"] == "train"])
         assert self.groups, f"no music/ or speech/ manifest under {data}"
+        assert speech_frac is None or len(self.groups) == 2, "--speech-frac needs music/ and speech/"
         self.n = int(seconds * SR)
         self.rng = random.Random(seed)
 
     def batch(self, b: int) -> torch.Tensor:
         out = np.zeros((b, 1, self.n), np.float32)
         for i in range(b):
-            r = self.rng.choice(self.groups[i % len(self.groups)])
+            if self.speech_frac is None:
+                g = self.groups[i % len(self.groups)]
+            else:
+                g = self.groups[1 if self.rng.random() < self.speech_frac else 0]
+            r = self.rng.choice(g)
             info = sf.info(r["path"])
             src_n = int(self.n * info.samplerate / SR) + 1
             start = self.rng.randint(0, max(0, info.frames - src_n))
@@ -111,14 +122,15 @@ class MelLoss(torch.nn.Module):
         return loss / len(self.mels)
 
 
-def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99):
-    """RVQ with straight-through gradient and EMA codebooks. e: [B, D, T]."""
+def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99, n_q: int | None = None):
+    """RVQ with straight-through gradient and EMA codebooks, over the first `n_q` codebooks
+    (all by default). e: [B, D, T]."""
     residual = e.detach()
     q_sum = torch.zeros_like(e)
     commit = 0.0
     codes = []
     flat_e = e.detach().permute(0, 2, 1).reshape(-1, e.shape[1])
-    for layer in model.quantizer.layers:
+    for layer in model.quantizer.layers[:n_q]:
         cb = layer.codebook
         r = residual.permute(0, 2, 1).reshape(-1, e.shape[1])
         if train and not bool(cb.inited.item()):
@@ -152,7 +164,7 @@ def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99):
     return out, commit_e, torch.stack(codes, 1)
 
 
-def init_from(src: Path, filters: int, codebook_size: int):
+def init_from(src: Path, filters: int, codebook_size: int, codebooks: int = 4):
     """A codec to train from a trained one (an exported HF directory: no RVQ training buffers).
 
     Every weight is copied; each codebook keeps its entries and its EMA state starts as if every
@@ -163,7 +175,7 @@ def init_from(src: Path, filters: int, codebook_size: int):
     from transformers import EncodecModel
 
     old = EncodecModel.from_pretrained(src).float()
-    model = EncodecModel(codec_config(filters, codebook_size))
+    model = EncodecModel(codec_config(filters, codebook_size, codebooks))
     new_state = model.state_dict()
     if old.config.num_quantizers > model.config.num_quantizers:  # e.g. codebooks added by codec_rvq_extend.py: fitted to this encoder, refit after
         print(f"{src}: keeping the first {model.config.num_quantizers} of {old.config.num_quantizers} "
@@ -217,6 +229,13 @@ def main() -> int:
                    help="HF EncodecModel directory (e.g. models/pretrained/encodec-tiny): start from its weights")
     p.add_argument("--codebook-size", type=int, default=256,
                    help="entries per codebook (MusicGen's EnCodec: 2048); with --init-from, may grow the source's")
+    # EnCodec trains one model for several bandwidths by quantizer dropout: each batch is
+    # quantized with the codebooks of one target bandwidth, drawn uniformly (Défossez et al. 2022,
+    # section 3.2; audiocraft ResidualVectorQuantization's `q_dropout`).
+    p.add_argument("--codebooks", type=int, default=4,
+                   help="residual codebooks, a multiple of 4 (8: 1.6 and 3.2 kbps, trained by quantizer dropout)")
+    p.add_argument("--speech-frac", type=float, default=None,
+                   help="share of speech crops (default: speech and music alternately)")
     p.add_argument("--stft-weight", type=float, default=0.0, help="weight of the multi-resolution STFT loss")
     args = p.parse_args()
     if args.smoke:
@@ -232,12 +251,14 @@ def main() -> int:
             q.requires_grad_(False)
         params = list(model.decoder.parameters())
     else:  # on --resume the Trainer loads the checkpoint over either start
-        model = (init_from(args.init_from, args.filters, args.codebook_size) if args.init_from is not None
-                 else EncodecModel(codec_config(args.filters, args.codebook_size)).train())
+        model = (init_from(args.init_from, args.filters, args.codebook_size, args.codebooks)
+                 if args.init_from is not None
+                 else EncodecModel(codec_config(args.filters, args.codebook_size, args.codebooks)).train())
         params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.8, 0.99), weight_decay=0.0)
     tr = Trainer(args, model, opt)
-    data = Crops(args.data, args.seconds, args.seed + tr.step)
+    data = Crops(args.data, args.seconds, args.seed + tr.step, args.speech_frac)
+    n_qs = [4 * g for g in range(1, model.config.num_quantizers // 4 + 1)]
     mel = MelLoss()
     stft = StftLoss()
     n_params = sum(p.numel() for p in model.parameters())
@@ -245,11 +266,13 @@ def main() -> int:
     while not tr.done():
         tr.lr_step()
         x = data.batch(args.batch)
+        # quantizer dropout, on torch's RNG (checkpointed); one bandwidth draws nothing
+        n_q = n_qs[int(torch.randint(len(n_qs), ()))] if len(n_qs) > 1 else n_qs[0]
         if frozen:
             with torch.no_grad():
-                q, commit, _ = quantize(model, model.encoder(x), train=False)
+                q, commit, _ = quantize(model, model.encoder(x), train=False, n_q=n_q)
         else:
-            q, commit, _ = quantize(model, model.encoder(x), train=True)
+            q, commit, _ = quantize(model, model.encoder(x), train=True, n_q=n_q)
         y = model.decoder(q)[..., : x.shape[-1]]
         l1 = F.l1_loss(y, x)
         lm = mel(y[:, 0], x[:, 0])
@@ -259,7 +282,7 @@ def main() -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        tr.end_step(dict(loss=loss.item(), l1=l1.item(), mel=lm.item(), stft=ls.item(), commit=float(commit)),
+        tr.end_step(dict(loss=loss.item(), n_q=n_q, l1=l1.item(), mel=lm.item(), stft=ls.item(), commit=float(commit)),
                     samples=args.batch * args.seconds)
     model.eval()
     export(model, args.out / "model")

@@ -37,8 +37,10 @@ def load(src: Path, filters: int):
     from transformers import EncodecModel
 
     if src.suffix == ".pt":  # a codec.py checkpoint: the model's state dict with its RVQ buffers
-        model = EncodecModel(codec_config(filters))
-        model.load_state_dict(torch.load(src, weights_only=False)["model"])
+        state = torch.load(src, weights_only=False)["model"]
+        n_q = sum(k.endswith(".codebook.embed") for k in state)  # 4, or 8 after codec.py --codebooks 8
+        model = EncodecModel(codec_config(filters, codebooks=n_q))
+        model.load_state_dict(state)
         return model.float().eval()
     return EncodecModel.from_pretrained(src).float().eval()
 

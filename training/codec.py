@@ -4,8 +4,8 @@
     nice -n 19 /work/venv/ref/bin/python training/codec.py --data training/datasets --out training/runs/codec [--resume]
 
 32 kHz mono, strides [8,5,4,4] (hop 640 -> 50 frames/s), 4 residual codebooks of 256 entries
-(1.6 kbps): the layout of MusicGen's EnCodec, so the music LMs (musicgen.py, magnet.py) use it
-as their tokenizer. Loss: waveform L1 + multi-scale log-mel L1 + commitment; the RVQ codebooks
+(1.6 kbps; `--codebooks 8` adds 3.2 kbps, trained by quantizer dropout): the layout of MusicGen's
+EnCodec, so the music LMs (musicgen.py, magnet.py) use it as their tokenizer. Loss: waveform L1 + multi-scale log-mel L1 + commitment; the RVQ codebooks
 are EMA-updated with dead-code restarts (as in EnCodec; no GAN). Speech (16 kHz) is resampled to
 32 kHz. Writes OUT/model/{config.json,model.safetensors} (RVQ training buffers dropped, as in
 tools/fixtures/make_untrained_default.py).
@@ -231,7 +231,7 @@ def main() -> int:
                    help="entries per codebook (MusicGen's EnCodec: 2048); with --init-from, may grow the source's")
     # EnCodec trains one model for several bandwidths by quantizer dropout: each batch is
     # quantized with the codebooks of one target bandwidth, drawn uniformly (Défossez et al. 2022,
-    # section 3.2; audiocraft ResidualVectorQuantization's `q_dropout`).
+    # section 3.2; audiocraft's ResidualVectorQuantizer `q_dropout`).
     p.add_argument("--codebooks", type=int, default=4,
                    help="residual codebooks, a multiple of 4 (8: 1.6 and 3.2 kbps, trained by quantizer dropout)")
     p.add_argument("--speech-frac", type=float, default=None,

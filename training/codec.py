@@ -5,9 +5,10 @@
 
 32 kHz mono, strides [8,5,4,4] (hop 640 -> 50 frames/s), 4 residual codebooks of 256 entries
 (1.6 kbps; `--codebooks 8` adds 3.2 kbps, trained by quantizer dropout): the layout of MusicGen's
-EnCodec, so the music LMs (musicgen.py, magnet.py) use it as their tokenizer. Loss: waveform L1 + multi-scale log-mel L1 + commitment; the RVQ codebooks
-are EMA-updated with dead-code restarts (as in EnCodec; no GAN). Speech (16 kHz) is resampled to
-32 kHz. Writes OUT/model/{config.json,model.safetensors} (RVQ training buffers dropped, as in
+EnCodec, so the music LMs (musicgen.py, magnet.py) use it as their tokenizer. Loss: waveform L1
++ multi-scale log-mel L1 + commitment; the RVQ codebooks are EMA-updated with dead-code restarts
+(as in EnCodec; no GAN). Speech (16 kHz) is resampled to 32 kHz. Writes
+OUT/model/{config.json,model.safetensors} (RVQ training buffers dropped, as in
 tools/fixtures/make_untrained_default.py).
 """
 
@@ -129,7 +130,6 @@ def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99, n_q: int 
     q_sum = torch.zeros_like(e)
     commit = 0.0
     codes = []
-    flat_e = e.detach().permute(0, 2, 1).reshape(-1, e.shape[1])
     for layer in model.quantizer.layers[:n_q]:
         cb = layer.codebook
         r = residual.permute(0, 2, 1).reshape(-1, e.shape[1])
@@ -158,7 +158,6 @@ def quantize(model, e: torch.Tensor, train: bool, decay: float = 0.99, n_q: int 
         q_sum = q_sum + qt
         residual = residual - qt
         codes.append(idx.view(e.shape[0], e.shape[2]))
-    del flat_e
     out = e + (q_sum - e).detach()
     commit_e = F.mse_loss(e, q_sum.detach())
     return out, commit_e, torch.stack(codes, 1)

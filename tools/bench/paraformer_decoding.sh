@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Decoding cost of the shipped paraformer-tiny-en: greedy vs its decoding.yaml (beam 8, 6-gram
-# LM, joint CTC), FunASR/PyTorch (BeamSearchPara with training/asr_lm.py's scorers) vs Cadenza,
-# on the same weights and clip, one after the other in one run. Prints one JSON line per side.
+# LM, joint CTC) without and with its test-time VTLN (five warps), FunASR/PyTorch
+# (BeamSearchPara with training/asr_lm.py's scorers; the warps as asr_eval.py's decode_warped)
+# vs Cadenza, on the same weights and clip, one after the other in one run. Prints one JSON line
+# per side.
 #
 #   tools/bench/paraformer_decoding.sh [WAV] [THREADS]
 #
@@ -18,8 +20,9 @@ model="${root}/models/pretrained/paraformer-tiny-en"
 tmp="$(mktemp -d)"
 trap 'rm -rf "${tmp}"' EXIT
 cp -r "${model}" "${tmp}/greedy" && rm "${tmp}/greedy/decoding.yaml"
-for m in greedy shipped; do
-    dir="${tmp}/greedy"; [ "$m" = shipped ] && dir="${model}"
+cp -r "${model}" "${tmp}/beam" && sed -i 's/^vtln_warps:.*/vtln_warps: []/' "${tmp}/beam/decoding.yaml"
+for m in greedy beam shipped; do
+    dir="${tmp}/${m}"; [ "$m" = shipped ] && dir="${model}"
     RAYON_NUM_THREADS="${threads}" "${bin}" bench asr --model "${dir}" --input "${wav}" \
         --repeats "${repeats}" --json 2>/dev/null |
         "${python}" -c "import json,sys; d=json.load(sys.stdin); print(json.dumps(dict(impl='cadenza', decoding='$m', audio_s=d['audio_s'], offline_ms=round(d['offline_s']*1e3, 1), load_s=round(d['load_s'], 3), threads=$threads)))"
@@ -30,7 +33,10 @@ import json, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, "training")
+sys.path.insert(0, "training/eval")
 from asr import load_paraformer
+from asr_eval import decode_warped
+import yaml
 from asr_lm import funasr_beam_search
 from common import load_audio
 wav, threads, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -38,14 +44,18 @@ torch.set_num_threads(threads)
 md = Path("models/pretrained/paraformer-tiny-en")
 m, fe, tok = load_paraformer(md)
 w = torch.from_numpy(load_audio(wav, 16000))
-for name, bs in [("greedy", None), ("shipped", funasr_beam_search(md, tok.token_list, m))]:
+warps = yaml.safe_load((md / "decoding.yaml").read_text()).get("vtln_warps") or []
+bs = funasr_beam_search(md, tok.token_list, m)
+for name, bs, ws in [("greedy", None, []), ("beam", bs, []), ("shipped", bs, warps)]:
     m.beam_search, m.nbest = bs, 1
+    run = (lambda: decode_warped(m, fe, tok, w.float(), ws)) if ws else (
+        lambda: m.inference([w], key=["u"], tokenizer=tok, frontend=fe, device="cpu"))
     with torch.no_grad():
-        m.inference([w], key=["u"], tokenizer=tok, frontend=fe, device="cpu")
+        run()
         best = float("inf")
         for _ in range(repeats):
             t = time.time()
-            m.inference([w], key=["u"], tokenizer=tok, frontend=fe, device="cpu")
+            run()
             best = min(best, time.time() - t)
     print(json.dumps(dict(impl="funasr", decoding=name, audio_s=round(len(w) / 16000, 3),
                           offline_ms=round(best * 1e3, 1), threads=threads)))

@@ -5,7 +5,8 @@
         [--split test] [--limit 200] [--cadenza /root/.cache/cadenza-target/release/cadenza] [--real]
 
 Decodes with the FunASR reference classes, with the beam search and n-gram LM of the directory's
-`decoding.yaml` when it has one (or, with --cadenza, `cadenza asr --local --model DIR
+`decoding.yaml` when it has one (and its `vtln_warps`, Cadenza's test-time VTLN, decoded here as
+`Paraformer::recognize` does: once per warp factor, the best score per token position wins) (or, with --cadenza, `cadenza asr --local --model DIR
 --json FILE` per clip). --real adds the LibriVox / cards clips of Debian's pocketsphinx-testdata
 (real human speech; reported as it is). Prints one JSON object.
 """
@@ -57,6 +58,37 @@ def score(refs, hyps) -> dict:
     return dict(n=len(refs), wer=round(jiwer.wer(refs, hyps), 4), cer=round(jiwer.cer(refs, hyps), 4))
 
 
+def decode_warped(model, fe, tok, wave, warps: list[float]) -> str:
+    """Test-time VTLN as Cadenza's `Paraformer::recognize` with `vtln_warps`: decode under each
+    warp factor of the mel banks; keep the transcript with the best score per token position
+    (the beam hypothesis's total score, or the greedy path's summed log-probability, over the
+    predicted token count; the first factor wins a tie)."""
+    from asr import warped_features
+    from funasr.utils.postprocess_utils import sentence_postprocess
+
+    best = (float("-inf"), "")
+    with torch.no_grad():
+        feats, lens = warped_features(fe, [wave] * len(warps), warps)
+        enc, el = model.encode(feats, lens)
+        enc = enc[0] if isinstance(enc, tuple) else enc
+        acoustic, token_num = model.calc_predictor(enc, el)[:2]
+        n = token_num.round().long()
+        dec = model.cal_decoder_with_predictor(enc, el, acoustic, n)[0]
+        for k in range(len(warps)):
+            if int(n[k]) < 1:
+                continue
+            am = dec[k, : n[k]]
+            if model.beam_search is not None:
+                hyp = model.beam_search(x=enc[k, : el[k]], am_scores=am, maxlenratio=0.0, minlenratio=0.0)[0]
+                ids, score = hyp.yseq[1:-1].tolist(), float(hyp.score)
+            else:
+                ids, score = am.argmax(-1).tolist(), float(am.max(-1)[0].sum())
+            ids = [i for i in ids if i not in (0, 1, 2)]
+            if score / int(n[k]) > best[0]:
+                best = (score / int(n[k]), sentence_postprocess(tok.ids2tokens(ids))[0])
+    return best[1]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -86,6 +118,10 @@ def main() -> int:
 
         model.beam_search = funasr_beam_search(args.model, tok.token_list, model)
         model.nbest = 1
+        import yaml
+
+        dec = args.model / "decoding.yaml"
+        warps = (yaml.safe_load(dec.read_text()) or {}).get("vtln_warps") if dec.exists() else None
 
     def decode(path: str) -> str:
         if args.cadenza is not None:
@@ -96,6 +132,8 @@ def main() -> int:
             except Exception:
                 return ""
         w = torch.from_numpy(load_audio(path, 16000))
+        if warps:
+            return norm(decode_warped(model, fe, tok, w.float(), warps))
         with torch.no_grad():
             res, _ = model.inference([w], key=["u"], tokenizer=tok, frontend=fe, device="cpu")
         return norm(res[0]["text"])

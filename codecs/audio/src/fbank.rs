@@ -99,6 +99,13 @@ pub struct FbankOptions {
     pub high_freq: f32,
     /// Factor applied to the input samples (FunASR: 32768, i.e. 16-bit integer range).
     pub input_scale: f32,
+    /// VTLN warp factor of the mel banks (Kaldi's `--vtln-warp`); 1 = no warp.
+    pub vtln_warp: f32,
+    /// Lower inflection cutoff of the VTLN warp in Hz (Kaldi's `--vtln-low`, default 100).
+    pub vtln_low: f32,
+    /// Upper inflection cutoff in Hz; `< 0` means Nyquist + this value (Kaldi's `--vtln-high`,
+    /// default -500).
+    pub vtln_high: f32,
 }
 
 impl Default for FbankOptions {
@@ -116,6 +123,9 @@ impl Default for FbankOptions {
             low_freq: 20.0,
             high_freq: 0.0,
             input_scale: 32768.0,
+            vtln_warp: 1.0,
+            vtln_low: 100.0,
+            vtln_high: -500.0,
         }
     }
 }
@@ -143,6 +153,30 @@ fn mel(f: f64) -> f64 {
     1127.0 * (1.0 + f / 700.0).ln()
 }
 
+fn inverse_mel(m: f64) -> f64 {
+    700.0 * ((m / 1127.0).exp() - 1.0)
+}
+
+/// Kaldi's VTLN warp of a frequency (`VtlnWarpFreq`, torchaudio's `vtln_warp_freq`): piecewise
+/// linear through (low, low) and (high, high), `f / warp` between the inflection points
+/// `l = vtln_low * max(1, warp)` and `h = vtln_high * min(1, warp)`; identity outside
+/// `[low, high]`.
+fn vtln_warp_freq(vtln_low: f64, vtln_high: f64, low: f64, high: f64, warp: f64, f: f64) -> f64 {
+    if f < low || f > high {
+        return f;
+    }
+    let l = vtln_low * warp.max(1.0);
+    let h = vtln_high * warp.min(1.0);
+    let scale = 1.0 / warp;
+    if f < l {
+        low + (scale * l - low) / (l - low) * (f - low)
+    } else if f < h {
+        scale * f
+    } else {
+        high + (high - scale * h) / (high - h) * (f - high)
+    }
+}
+
 impl Fbank {
     /// Build the extractor (window, mel banks, FFT plan).
     pub fn new(opts: FbankOptions) -> Result<Self, FbankError> {
@@ -168,9 +202,9 @@ impl Fbank {
                 }) as f32
             })
             .collect();
-        // torchaudio.compliance.kaldi.get_mel_banks (vtln_warp = 1): triangles equally spaced on
-        // the mel scale over [low_freq, high_freq], evaluated at the FFT bin centres 0..padded/2
-        // (the Nyquist bin gets weight 0).
+        // torchaudio.compliance.kaldi.get_mel_banks: triangles equally spaced on the mel scale
+        // over [low_freq, high_freq], their corners moved by the VTLN warp when there is one,
+        // evaluated at the FFT bin centres 0..padded/2 (the Nyquist bin gets weight 0).
         let nyquist = sr / 2.0;
         let high = if opts.high_freq <= 0.0 {
             nyquist + opts.high_freq as f64
@@ -183,20 +217,70 @@ impl Fbank {
                 "mel range {low} .. {high} Hz at {sr} Hz"
             )));
         }
+        let warp = opts.vtln_warp as f64;
+        let vtln_low = opts.vtln_low as f64;
+        let vtln_high = if opts.vtln_high < 0.0 {
+            nyquist + opts.vtln_high as f64
+        } else {
+            opts.vtln_high as f64
+        };
+        if !(warp.is_finite() && warp > 0.0) {
+            return Err(FbankError::Unsupported(format!("VTLN warp factor {warp}")));
+        }
+        // Kaldi's checks (MelBanks, VtlnWarpFreq): the cutoffs and the inflection points must
+        // lie inside the mel range; and the lower inflection point below the upper one, or the
+        // warp is not a monotonic piecewise-linear map (a factor far from 1).
+        let (l, h) = (vtln_low * warp.max(1.0), vtln_high * warp.min(1.0));
+        if warp != 1.0
+            && !(low < vtln_low
+                && vtln_low < high
+                && 0.0 < vtln_high
+                && vtln_high < high
+                && vtln_low < vtln_high
+                && low < l
+                && l < h
+                && h < high)
+        {
+            return Err(FbankError::Unsupported(format!(
+                "VTLN cutoffs {vtln_low} .. {vtln_high} Hz with warp {warp} vs mel range {low} .. {high} Hz"
+            )));
+        }
+        let warp_mel = |m: f64| {
+            mel(vtln_warp_freq(
+                vtln_low,
+                vtln_high,
+                low,
+                high,
+                warp,
+                inverse_mel(m),
+            ))
+        };
         let (mel_low, mel_high) = (mel(low), mel(high));
         let delta = (mel_high - mel_low) / (opts.num_mel_bins as f64 + 1.0);
         let bin_width = sr / padded as f64;
         let banks = (0..opts.num_mel_bins)
             .map(|b| {
-                let left = mel_low + b as f64 * delta;
-                let center = left + delta;
-                let right = center + delta;
+                let mut left = mel_low + b as f64 * delta;
+                let mut center = left + delta;
+                let mut right = center + delta;
+                if warp != 1.0 {
+                    (left, center, right) = (warp_mel(left), warp_mel(center), warp_mel(right));
+                }
                 let w: Vec<f32> = (0..padded / 2)
                     .map(|i| {
                         let m = mel(bin_width * i as f64);
                         let up = (m - left) / (center - left);
                         let down = (right - m) / (right - center);
-                        up.min(down).max(0.0) as f32
+                        if warp == 1.0 {
+                            up.min(down).max(0.0) as f32
+                        } else if left < m && m <= center {
+                            // torchaudio's get_mel_banks with a warp: the two slopes by region
+                            up as f32
+                        } else if center < m && m < right {
+                            down as f32
+                        } else {
+                            0.0
+                        }
                     })
                     .collect();
                 let start = w.iter().position(|&x| x > 0.0).unwrap_or(0);
@@ -494,6 +578,20 @@ impl Frontend {
             lfr_m: cfg.lfr_m,
             lfr_n: cfg.lfr_n,
             cmvn,
+        })
+    }
+
+    /// This frontend with its mel banks warped by `warp` (Kaldi VTLN; 1 = unchanged): the same
+    /// framing, LFR and CMVN.
+    pub fn with_vtln_warp(&self, warp: f32) -> Result<Self, FbankError> {
+        Ok(Frontend {
+            fbank: Fbank::new(FbankOptions {
+                vtln_warp: warp,
+                ..self.fbank.opts.clone()
+            })?,
+            lfr_m: self.lfr_m,
+            lfr_n: self.lfr_n,
+            cmvn: self.cmvn.clone(),
         })
     }
 

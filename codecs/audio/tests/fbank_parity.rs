@@ -63,3 +63,46 @@ fn fbank_lfr_cmvn_match_funasr() {
         assert_eq!(got, feats);
     }
 }
+
+/// VTLN-warped mel banks (Kaldi `--vtln-warp`, torchaudio's `get_mel_banks` with a warp factor)
+/// match torchaudio on the same wave (fixtures from `tools/fixtures/fbank_vtln.py`), and differ
+/// from the unwarped fbank (so the warp is really applied).
+#[test]
+fn vtln_warped_fbank_matches_torchaudio() {
+    let dir = fixture("tiny");
+    let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, wave) = tensor(&st, "wave");
+    let (_, plain) = tensor(&st, "fbank");
+    let bytes = std::fs::read(dir.join("fbank_vtln.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (warp, name) in [(0.88f32, "fbank_vtln088"), (1.12, "fbank_vtln112")] {
+        let (shape, want) = tensor(&st, name);
+        let fb = cadenza_audio::Fbank::new(cadenza_audio::FbankOptions {
+            vtln_warp: warp,
+            ..Default::default()
+        })
+        .unwrap();
+        let got = fb.compute(&wave, &mut cadenza_audio::DitherRng::new(0));
+        assert_eq!(got.len(), shape[0] * shape[1]);
+        let d = max_diff(&got, &want);
+        let moved = max_diff(&got, &plain);
+        println!("warp {warp}: max |diff| {d:.2e} (vs unwarped {moved:.2})");
+        assert!(d < 1e-3, "warp {warp}: diff {d}");
+        assert!(
+            moved > 0.5,
+            "warp {warp}: the warp changed nothing ({moved})"
+        );
+    }
+}
+
+#[test]
+fn vtln_warp_outside_the_mel_range_is_refused() {
+    for warp in [0.0f32, -1.0, f32::NAN, 100.0] {
+        let r = cadenza_audio::Fbank::new(cadenza_audio::FbankOptions {
+            vtln_warp: warp,
+            ..Default::default()
+        });
+        assert!(r.is_err(), "warp {warp} accepted");
+    }
+}

@@ -101,6 +101,8 @@ pub struct Paraformer {
     num_parameters: usize,
     device: Device,
     decoding: DecodeOptions,
+    /// The frontend under each of `decoding.vtln_warps` (empty when there are none).
+    warped: Vec<Frontend>,
 }
 
 /// `decoding.yaml` of a model directory (Cadenza's; the keys are FunASR's / ESPnet's inference
@@ -125,6 +127,11 @@ pub struct DecodingConfig {
     /// checkpoint has its CTC layer (`ctc.ctc_lo`), as FunASR.
     #[serde(default)]
     pub decoding_ctc_weight: Option<f32>,
+    /// Test-time VTLN (`vtln_warps`, Cadenza's): whole-utterance recognition decodes the
+    /// utterance once per warp factor of the mel banks (Kaldi's VTLN warp) and keeps the
+    /// transcript with the best score per token position; `[]` turns it off.
+    #[serde(default)]
+    pub vtln_warps: Option<Vec<f32>>,
 }
 
 impl DecodingConfig {
@@ -142,6 +149,7 @@ impl DecodingConfig {
             ngram_weight: other.ngram_weight.or(self.ngram_weight),
             penalty: other.penalty.or(self.penalty),
             decoding_ctc_weight: other.decoding_ctc_weight.or(self.decoding_ctc_weight),
+            vtln_warps: other.vtln_warps.clone().or_else(|| self.vtln_warps.clone()),
         }
     }
 
@@ -167,6 +175,12 @@ impl DecodingConfig {
                 "decoding: ngram_weight {ngram_weight} must be >= 0, penalty {penalty} finite"
             )));
         }
+        let vtln_warps = self.vtln_warps.clone().unwrap_or_default();
+        if vtln_warps.len() > 9 || vtln_warps.iter().any(|w| !(0.7..=1.4).contains(w)) {
+            return Err(ParaformerError::Config(format!(
+                "decoding: vtln_warps {vtln_warps:?} (at most 9 factors, each 0.7..=1.4)"
+            )));
+        }
         let ngram = match ngram {
             Some(b) => Some(std::sync::Arc::new(NgramLm::from_bytes(b, tokens)?)),
             None if ngram_weight > 0.0 => {
@@ -182,6 +196,7 @@ impl DecodingConfig {
             ngram_weight,
             penalty,
             ctc_weight,
+            vtln_warps,
         })
     }
 
@@ -278,13 +293,19 @@ impl Paraformer {
             load_state_dict(&pt)?
         };
         let decoding = DecodingConfig::load_options(dir, overrides, &tokens)?;
-        Ok(Self::from_parts(&config, tokens, cmvn, tensors, device)?.with_decoding(decoding))
+        Self::from_parts(&config, tokens, cmvn, tensors, device)?.with_decoding(decoding)
     }
 
     /// This model with other decoding options (greedy by default; see [`DecodingConfig`]).
-    pub fn with_decoding(mut self, decoding: DecodeOptions) -> Self {
+    /// Fails when a VTLN warp factor does not fit the frontend's mel range.
+    pub fn with_decoding(mut self, decoding: DecodeOptions) -> Result<Self> {
+        self.warped = decoding
+            .vtln_warps
+            .iter()
+            .map(|&w| self.frontend.with_vtln_warp(w))
+            .collect::<std::result::Result<_, _>>()?;
         self.decoding = decoding;
-        self
+        Ok(self)
     }
 
     /// The decoding options in use.
@@ -350,6 +371,7 @@ impl Paraformer {
             num_parameters,
             device: device.clone(),
             decoding: DecodeOptions::default(),
+            warped: Vec::new(),
         })
     }
 
@@ -384,8 +406,26 @@ impl Paraformer {
     }
 
     /// Recognise one utterance of mono samples in [-1, 1] at [`sample_rate`](Self::sample_rate).
+    ///
+    /// With `vtln_warps` in the decoding options (an offline model), the utterance is decoded
+    /// once per warp factor of the fbank's mel banks and the transcript with the highest
+    /// decoding score per token position wins (the beam score with its LM and CTC terms, or the
+    /// greedy path's summed log-probability; the first factor wins a tie). This is the
+    /// per-utterance warp search of VTLN (Lee and Rose 1996; Kaldi's `--vtln-warp`), scored by
+    /// the recogniser itself instead of a GMM likelihood. Streaming models and the partial
+    /// results of a [`StreamingRecognizer`] decode the frontend as it is.
     pub fn recognize(&self, pcm: &[f32]) -> Result<Transcript> {
-        self.recognize_features(&self.frontend.features(pcm))
+        if self.warped.is_empty() || self.is_streaming() {
+            return self.recognize_features(&self.frontend.features(pcm));
+        }
+        let mut best: Option<(f32, Transcript)> = None;
+        for fe in &self.warped {
+            let (t, score) = self.decode_offline(&fe.features(pcm))?;
+            if best.as_ref().is_none_or(|(s, _)| score > *s) {
+                best = Some((score, t));
+            }
+        }
+        Ok(best.map(|(_, t)| t).unwrap_or_default())
     }
 
     /// `[1, T, D]` tensor of frontend features.
@@ -432,14 +472,23 @@ impl Paraformer {
             let ids = s.run_all(feats)?;
             return Ok(self.transcript_ids(&ids));
         }
+        Ok(self.decode_offline(feats)?.0)
+    }
+
+    /// Offline decoding of `feats`: the transcript and its score per token position (the
+    /// best beam hypothesis's score, or the greedy path's summed log-probability, divided by
+    /// the predicted token count; `-inf` when nothing was predicted).
+    fn decode_offline(&self, feats: &Features) -> Result<(Transcript, f32)> {
+        let none = || (Transcript::default(), f32::NEG_INFINITY);
         if feats.frames() == 0 {
-            return Ok(Transcript::default());
+            return Ok(none());
         }
         let enc = self.net.encoder.forward(&self.features_tensor(feats)?)?;
         let cif = self.net.predictor.forward(&enc)?;
         if cif.token_num == 0 {
-            return Ok(Transcript::default());
+            return Ok(none());
         }
+        let positions = cif.token_num as f32;
         let logp = self.net.decoder.forward(&cif.embeds, &enc)?.squeeze(0)?;
         if self.decoding.uses_beam_search(self.net.ctc.is_some()) {
             let am: Vec<f32> = logp.flatten_all()?.to_vec1()?;
@@ -450,11 +499,14 @@ impl Paraformer {
             };
             let hyps =
                 search::beam_search(&am, self.tokens.len(), EOS, &self.decoding, ctc.as_deref());
-            let ids = hyps.first().map(|h| h.tokens.clone()).unwrap_or_default();
-            return Ok(self.transcript(&ids, &cif));
+            let Some(best) = hyps.first() else {
+                return Ok(none());
+            };
+            return Ok((self.transcript(&best.tokens, &cif), best.score / positions));
         }
         let ids: Vec<u32> = logp.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        Ok(self.transcript(&ids, &cif))
+        let score: f32 = logp.max(candle_core::D::Minus1)?.sum_all()?.to_scalar()?;
+        Ok((self.transcript(&ids, &cif), score / positions))
     }
 
     /// Build the transcript of argmax ids: drop blank/sos/eos, map to tokens, join, timestamps

@@ -35,6 +35,9 @@ pub struct DecodeOptions {
     pub penalty: f32,
     /// Weight of the CTC prefix score (`decoding_ctc_weight`); needs the checkpoint's CTC layer.
     pub ctc_weight: f32,
+    /// VTLN warp factors tried per utterance by whole-utterance recognition (`vtln_warps`;
+    /// empty: the frontend as it is). See [`crate::Paraformer::recognize`].
+    pub vtln_warps: Vec<f32>,
 }
 
 impl Default for DecodeOptions {
@@ -46,6 +49,7 @@ impl Default for DecodeOptions {
             ngram_weight: 0.0,
             penalty: 0.0,
             ctc_weight: 0.0,
+            vtln_warps: Vec::new(),
         }
     }
 }
@@ -356,6 +360,7 @@ mod tests {
             ngram_weight: 1.0,
             penalty: 0.0,
             ctc_weight: 0.0,
+            vtln_warps: Vec::new(),
         };
         assert!(opts.uses_beam_search(false));
         let fused = beam_search(&am, 5, 2, &opts, None);

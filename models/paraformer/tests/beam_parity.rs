@@ -55,6 +55,7 @@ fn nbest_lists_match_funasr() -> Result<()> {
             ngram_weight: c.ngram_weight,
             penalty: c.penalty,
             ctc_weight: c.ctc_weight,
+            vtln_warps: Vec::new(),
         };
         let am: Vec<f32> = c.am.concat();
         let ctc: Vec<f32> = c.ctc.concat();

@@ -166,3 +166,57 @@ fn real_checkpoint() -> Result<()> {
     assert!(!t.token_ids.is_empty());
     Ok(())
 }
+
+#[derive(serde::Deserialize)]
+struct VtlnCase {
+    warp: f32,
+    token_ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct VtlnExpected {
+    warps: Vec<f32>,
+    per_warp: Vec<VtlnCase>,
+    selected_text: String,
+}
+
+/// Test-time VTLN (`vtln_warps`): the tiny model's greedy decode under each warp factor matches
+/// FunASR on torchaudio's warped fbank, and the warp search keeps the transcript the reference
+/// selection (`training/eval/asr_eval.py`'s `decode_warped`) keeps (fixture:
+/// `tools/fixtures/fbank_vtln.py`; the warps decode differently there, so the choice matters).
+#[test]
+fn vtln_warp_search_matches_reference() -> Result<()> {
+    let d = dir("tiny");
+    let exp: VtlnExpected = serde_json::from_str(&std::fs::read_to_string(d.join("vtln.json"))?)?;
+    let bytes = std::fs::read(d.join("expected.safetensors"))?;
+    let st = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    let wave: Vec<f32> = st["wave"].to_vec1()?;
+    let with = |warps: &[f32]| {
+        let cfg = cadenza_paraformer::DecodingConfig {
+            vtln_warps: Some(warps.to_vec()),
+            ..Default::default()
+        };
+        Paraformer::load_with(&d, &cfg, &Device::Cpu)
+    };
+    let mut distinct = std::collections::HashSet::new();
+    for case in &exp.per_warp {
+        let t = with(&[case.warp])?.recognize(&wave)?;
+        assert_eq!(t.token_ids, case.token_ids, "warp {}", case.warp);
+        distinct.insert(t.token_ids);
+    }
+    assert!(distinct.len() > 1, "the warps all decode alike");
+    let all = with(&exp.warps)?;
+    let t = all.recognize(&wave)?;
+    assert_eq!(t.text, exp.selected_text);
+    // no warps: the plain frontend (the same as warp 1.0 here)
+    let plain = Paraformer::load(&d, &Device::Cpu)?.recognize(&wave)?;
+    let one = exp.per_warp.iter().find(|c| c.warp == 1.0).unwrap();
+    assert_eq!(plain.token_ids, one.token_ids);
+    // a factor the frontend's mel range cannot take is refused at load
+    let cfg = cadenza_paraformer::DecodingConfig {
+        vtln_warps: Some(vec![2.5]),
+        ..Default::default()
+    };
+    assert!(Paraformer::load_with(&d, &cfg, &Device::Cpu).is_err());
+    Ok(())
+}

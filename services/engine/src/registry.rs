@@ -714,8 +714,8 @@ fn load_asr(
                 })
                 .map_err(|e| e.to_string())?;
             let model = Paraformer::from_parts(emb.config_yaml, tokens, cmvn, tensors, device)
-                .map_err(|e| e.to_string())?
-                .with_decoding(decoding);
+                .and_then(|m| m.with_decoding(decoding))
+                .map_err(|e| e.to_string())?;
             (model, card_summary(emb.card))
         }
         ModelSource::Path(dir) => {

@@ -492,7 +492,10 @@ pub(crate) struct AsrTask {
     samples: u64,
     bytes_in: usize,
     limits: Limits,
+    /// Time spent in finished steps.
     compute: Duration,
+    /// Start of the step now running (its time is not in `compute` yet).
+    step_started: Option<Instant>,
 }
 
 /// Model-rate samples one whole-file step segments.
@@ -549,6 +552,7 @@ impl AsrTask {
             bytes_in: 0,
             limits,
             compute: Duration::ZERO,
+            step_started: None,
         })
     }
 
@@ -664,7 +668,10 @@ impl AsrTask {
                 model: self.model.info.name.clone(),
                 segments: self.segments,
                 audio_seconds: self.frames_in as f64 / self.input_rate() as f64,
-                compute_seconds: self.compute.as_secs_f64(),
+                // this last step too: it ran the final recognition (for a short file, all)
+                compute_seconds: (self.compute
+                    + self.step_started.map_or(Duration::ZERO, |t| t.elapsed()))
+                .as_secs_f64(),
             });
         }
         Ok(Some(end))
@@ -908,8 +915,10 @@ impl Stepper for AsrTask {
     }
     fn run(&mut self) -> Result<Option<bool>, EngineError> {
         let t = Instant::now();
+        self.step_started = Some(t);
         let r = self.work();
         self.compute += t.elapsed();
+        self.step_started = None;
         r
     }
 }

@@ -412,8 +412,9 @@ impl Paraformer {
     /// decoding score per token position wins (the beam score with its LM and CTC terms, or the
     /// greedy path's summed log-probability; the first factor wins a tie). This is the
     /// per-utterance warp search of VTLN (Lee and Rose 1996; Kaldi's `--vtln-warp`), scored by
-    /// the recogniser itself instead of a GMM likelihood. Streaming models and the partial
-    /// results of a [`StreamingRecognizer`] decode the frontend as it is.
+    /// the recogniser itself instead of a GMM likelihood. Streaming models, and a
+    /// [`StreamingRecognizer`]'s partial and final results, decode the frontend as it is (the
+    /// service's segment finals call this method on the segment's samples).
     pub fn recognize(&self, pcm: &[f32]) -> Result<Transcript> {
         if self.warped.is_empty() || self.is_streaming() {
             return self.recognize_features(&self.frontend.features(pcm));

@@ -45,8 +45,8 @@ md = Path("models/pretrained/paraformer-tiny-en")
 m, fe, tok = load_paraformer(md)
 w = torch.from_numpy(load_audio(wav, 16000))
 warps = yaml.safe_load((md / "decoding.yaml").read_text()).get("vtln_warps") or []
-bs = funasr_beam_search(md, tok.token_list, m)
-for name, bs, ws in [("greedy", None, []), ("beam", bs, []), ("shipped", bs, warps)]:
+beam = funasr_beam_search(md, tok.token_list, m)
+for name, bs, ws in [("greedy", None, []), ("beam", beam, []), ("shipped", beam, warps)]:
     m.beam_search, m.nbest = bs, 1
     run = (lambda: decode_warped(m, fe, tok, w.float(), ws)) if ws else (
         lambda: m.inference([w], key=["u"], tokenizer=tok, frontend=fe, device="cpu"))

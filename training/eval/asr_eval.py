@@ -5,9 +5,9 @@
         [--split test] [--limit 200] [--cadenza /root/.cache/cadenza-target/release/cadenza] [--real]
 
 Decodes with the FunASR reference classes, with the beam search and n-gram LM of the directory's
-`decoding.yaml` when it has one (and its `vtln_warps`, Cadenza's test-time VTLN, decoded here as
-`Paraformer::recognize` does: once per warp factor, the best score per token position wins) (or, with --cadenza, `cadenza asr --local --model DIR
---json FILE` per clip). --real adds the LibriVox / cards clips of Debian's pocketsphinx-testdata
+`decoding.yaml` when it has one, and its `vtln_warps` (Cadenza's test-time VTLN) as
+`Paraformer::recognize` decodes them: once per warp factor, the best score per token position
+wins. With --cadenza, decodes with `cadenza asr --local --model DIR --json FILE` per clip. --real adds the LibriVox / cards clips of Debian's pocketsphinx-testdata
 (real human speech; reported as it is). Prints one JSON object.
 """
 
@@ -58,15 +58,15 @@ def score(refs, hyps) -> dict:
     return dict(n=len(refs), wer=round(jiwer.wer(refs, hyps), 4), cer=round(jiwer.cer(refs, hyps), 4))
 
 
-def decode_warped(model, fe, tok, wave, warps: list[float]) -> str:
-    """Test-time VTLN as Cadenza's `Paraformer::recognize` with `vtln_warps`: decode under each
-    warp factor of the mel banks; keep the transcript with the best score per token position
-    (the beam hypothesis's total score, or the greedy path's summed log-probability, over the
-    predicted token count; the first factor wins a tie)."""
+def warped_decodes(model, fe, tok, wave, warps: list[float]) -> list[dict]:
+    """The utterance decoded under each VTLN warp factor of the mel banks: per warp with a
+    prediction, its token ids (blank/sos/eos dropped), score per token position (the beam
+    hypothesis's total score, or the greedy path's summed log-probability, over the predicted
+    token count) and text. Warps whose predictor fires no token are left out."""
     from asr import warped_features
     from funasr.utils.postprocess_utils import sentence_postprocess
 
-    best = (float("-inf"), "")
+    out = []
     with torch.no_grad():
         feats, lens = warped_features(fe, [wave] * len(warps), warps)
         enc, el = model.encode(feats, lens)
@@ -74,7 +74,7 @@ def decode_warped(model, fe, tok, wave, warps: list[float]) -> str:
         acoustic, token_num = model.calc_predictor(enc, el)[:2]
         n = token_num.round().long()
         dec = model.cal_decoder_with_predictor(enc, el, acoustic, n)[0]
-        for k in range(len(warps)):
+        for k, a in enumerate(warps):
             if int(n[k]) < 1:
                 continue
             am = dec[k, : n[k]]
@@ -84,8 +84,19 @@ def decode_warped(model, fe, tok, wave, warps: list[float]) -> str:
             else:
                 ids, score = am.argmax(-1).tolist(), float(am.max(-1)[0].sum())
             ids = [i for i in ids if i not in (0, 1, 2)]
-            if score / int(n[k]) > best[0]:
-                best = (score / int(n[k]), sentence_postprocess(tok.ids2tokens(ids))[0])
+            out.append(dict(warp=a, token_ids=ids, score_per_token=score / int(n[k]),
+                            text=sentence_postprocess(tok.ids2tokens(ids))[0]))
+    return out
+
+
+def decode_warped(model, fe, tok, wave, warps: list[float]) -> str:
+    """Test-time VTLN as Cadenza's `Paraformer::recognize` with `vtln_warps`: of
+    `warped_decodes`, the transcript with the best score per token position (the first factor
+    wins a tie; "" when no warp predicts a token)."""
+    best = (float("-inf"), "")
+    for d in warped_decodes(model, fe, tok, wave, warps):
+        if d["score_per_token"] > best[0]:
+            best = (d["score_per_token"], d["text"])
     return best[1]
 
 
